@@ -1,0 +1,25 @@
+"""mlx-mtp: exact speculative decoding with multi-token-prediction drafters on MLX."""
+
+from .generate import (
+    GenerationResponse,
+    GenerationResult,
+    Pair,
+    Stats,
+    generate,
+    load,
+    make_prompt_cache,
+    stream_generate,
+)
+from .loading import LoadError
+
+__all__ = [
+    "GenerationResponse",
+    "GenerationResult",
+    "LoadError",
+    "Pair",
+    "Stats",
+    "generate",
+    "load",
+    "make_prompt_cache",
+    "stream_generate",
+]

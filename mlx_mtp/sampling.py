@@ -1,0 +1,132 @@
+"""Sampling settings, the one processing applied to both p (target) and q (drafter), and the
+exact acceptance rules (greedy, and speculative sampling after Leviathan et al. 2022).
+
+All functions are lazy MLX graphs over rows [B]; the round evaluates them once.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
+    """The processed, normalized distribution: [..., C] logits -> [..., C] log-probs.
+
+    Same order as mlx-lm's `make_sampler`: top-p, min-p, top-k on the untempered
+    log-probs, then the temperature.
+    """
+    logits = logits.astype(mx.float32)
+    x = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if params.top_p < 1.0:
+        x = apply_top_p(x, params.top_p)
+    if params.min_p > 0.0:
+        x = apply_min_p(x, params.min_p)
+    if 0 < params.top_k < x.shape[-1]:
+        x = apply_top_k(x, params.top_k)
+    x = x / params.temperature
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+@dataclass
+class Proposal:
+    """K proposed tokens per row and the proposer's probabilities for them.
+
+    `q_logprobs` [B, K, C] is q over the candidate ids `q_ids` [B, K, C] (None: the whole
+    vocabulary); `q_draft` [B, K] is q of each proposed token. A deterministic proposer
+    (n-gram lookup, greedy drafting) has q = 1 on its token.
+    """
+
+    tokens: mx.array  # [B, K]
+    q_draft: Optional[mx.array] = None
+    q_logprobs: Optional[mx.array] = None
+    q_ids: Optional[mx.array] = None
+
+    @property
+    def k(self) -> int:
+        return self.tokens.shape[1]
+
+
+def accept_greedy(target_logits: mx.array, drafts: mx.array):
+    """[B, K+1, V], [B, K] -> accepted count [B], and the target's own tokens [B, K+1]."""
+    target = mx.argmax(target_logits, axis=-1)
+    k = drafts.shape[1]
+    matches = drafts == target[:, :k]
+    accepted = mx.cumprod(matches.astype(mx.int32), axis=1).sum(axis=1)
+    return accepted, target
+
+
+def _residual(p: mx.array, q_probs: mx.array, q_ids: Optional[mx.array]) -> mx.array:
+    """normalize(max(0, p - q)) for p [B, V] and q [B, C] over ids [B, C]."""
+    if q_ids is None:
+        r = mx.maximum(p - q_probs, 0)
+    else:
+        p_at = mx.take_along_axis(p, q_ids, axis=-1)
+        r = mx.put_along_axis(p, q_ids, mx.maximum(p_at - q_probs, 0), axis=-1)
+    total = r.sum(axis=-1, keepdims=True)
+    # p == q up to rounding: the rejection had probability ~0, fall back to p.
+    return mx.where(total > 0, r / mx.maximum(total, 1e-30), p)
+
+
+def accept_sampled(target_logprobs: mx.array, proposal: Proposal):
+    """Speculative sampling over rows.
+
+    target_logprobs [B, K+1, V] are processed p. Accept d_i with prob min(1, p_i/q_i); at the
+    first rejection sample from normalize(max(0, p - q)); if all K pass, sample the bonus
+    token from p_K. Returns accepted count [B] and tokens [B, K+1] whose first
+    `accepted + 1` entries are committed.
+    """
+    drafts = proposal.tokens
+    B, k = drafts.shape
+    p = mx.exp(target_logprobs)
+    p_draft = mx.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, K]
+    u = mx.random.uniform(shape=(B, k))
+    accepted = mx.cumprod((u * proposal.q_draft < p_draft).astype(mx.int32), axis=1).sum(axis=1)
+
+    row = accepted[:, None, None]
+    p_n = mx.take_along_axis(p, row, axis=1)[:, 0]  # [B, V]
+    if k > 0:
+        at = mx.minimum(row, k - 1)
+        q_n = mx.exp(mx.take_along_axis(proposal.q_logprobs, at, axis=1)[:, 0])  # [B, C]
+        ids_n = None
+        if proposal.q_ids is not None:
+            ids_n = mx.take_along_axis(proposal.q_ids, at, axis=1)[:, 0]
+        dist = mx.where(accepted[:, None] < k, _residual(p_n, q_n, ids_n), p_n)
+    else:
+        dist = p_n
+    last = mx.random.categorical(mx.log(dist))  # [B]
+    tokens = mx.concatenate([drafts, last[:, None]], axis=1)
+    tokens = mx.put_along_axis(tokens, accepted[:, None], last[:, None], axis=1)
+    return accepted, tokens
+
+
+def sample_candidates(q_logprobs: mx.array, ids: Optional[mx.array], greedy: bool):
+    """Pick one token per row from q [B, C]: (token ids [B], q of the token [B])."""
+    index = mx.argmax(q_logprobs, axis=-1) if greedy else mx.random.categorical(q_logprobs)
+    q = mx.exp(mx.take_along_axis(q_logprobs, index[:, None], axis=-1)[:, 0])
+    if ids is not None:
+        index = mx.take_along_axis(ids, index[:, None], axis=-1)[:, 0]
+    return index, q
