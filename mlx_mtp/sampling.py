@@ -101,6 +101,8 @@ def accept_sampled(target_logprobs: mx.array, proposal: Proposal):
     """
     drafts = proposal.tokens
     B, k = drafts.shape
+    if k == 0:
+        return mx.zeros((B,), mx.int32), mx.random.categorical(target_logprobs[:, 0])[:, None]
     p = mx.exp(target_logprobs)
     p_draft = mx.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, K]
     u = mx.random.uniform(shape=(B, k))
@@ -108,15 +110,12 @@ def accept_sampled(target_logprobs: mx.array, proposal: Proposal):
 
     row = accepted[:, None, None]
     p_n = mx.take_along_axis(p, row, axis=1)[:, 0]  # [B, V]
-    if k > 0:
-        at = mx.minimum(row, k - 1)
-        q_n = mx.exp(mx.take_along_axis(proposal.q_logprobs, at, axis=1)[:, 0])  # [B, C]
-        ids_n = None
-        if proposal.q_ids is not None:
-            ids_n = mx.take_along_axis(proposal.q_ids, at, axis=1)[:, 0]
-        dist = mx.where(accepted[:, None] < k, _residual(p_n, q_n, ids_n), p_n)
-    else:
-        dist = p_n
+    at = mx.minimum(row, k - 1)
+    q_n = mx.exp(mx.take_along_axis(proposal.q_logprobs, at, axis=1)[:, 0])  # [B, C]
+    ids_n = None
+    if proposal.q_ids is not None:
+        ids_n = mx.take_along_axis(proposal.q_ids, at, axis=1)[:, 0]
+    dist = mx.where(accepted[:, None] < k, _residual(p_n, q_n, ids_n), p_n)
     last = mx.random.categorical(mx.log(dist))  # [B]
     tokens = mx.concatenate([drafts, last[:, None]], axis=1)
     tokens = mx.put_along_axis(tokens, accepted[:, None], last[:, None], axis=1)
