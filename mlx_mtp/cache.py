@@ -107,7 +107,7 @@ class SlidingKVCache(_BaseCache):
 def shared_kv_view(cache):
     """(keys, values, first_position) of a target cache: views, never copies."""
     keys, values = cache.keys_and_values()
-    first = cache.start if isinstance(cache, SlidingKVCache) else 0
+    first = getattr(cache, "start", 0)  # KVCache always holds position 0 onwards
     return keys, values, first
 
 

@@ -93,16 +93,25 @@ class Drafter(nn.Module):
         return self.head(h[:, 0]), self.post_projection(h)
 
     def masks(self, shared_kv: dict, position) -> dict:
-        """Position-built masks: full layers see every cached target position, sliding
-        layers the last W + 1 before the query. shared_kv: kind -> (keys, values, first)."""
+        """Masks built from positions. Full layers see the target positions before the
+        query, sliding layers only the last W + 1 of them. shared_kv: kind -> (keys,
+        values, first position); position: int, or [B] when rows are at different
+        positions (their buffers may then hold entries past a row's own position)."""
         out = {}
         window = self.text_args.sliding_window + DRAFTER_SLIDING_EXTRA
         for kind, (keys, _, first) in shared_kv.items():
-            if kind != SLIDING or (isinstance(position, int) and first >= position - window):
-                out[kind] = None
+            if isinstance(position, int):
+                if kind != SLIDING or first >= position - window:
+                    out[kind] = None  # the view holds exactly the visible positions
+                    continue
+                out[kind] = mx.arange(first, first + keys.shape[2]) >= position - window
                 continue
-            k_pos = mx.arange(first, first + keys.shape[2])
-            out[kind] = k_pos >= mx.array(position).reshape(-1, 1, 1, 1) - window  # [B, 1, 1, S]
+            k_pos = mx.arange(first, first + keys.shape[2])[None]  # [1, S]
+            q_pos = position[:, None]  # [B, 1]
+            visible = k_pos < q_pos
+            if kind == SLIDING:
+                visible = visible & (k_pos >= q_pos - window)
+            out[kind] = visible[:, None, None, :]  # [B, 1, 1, S]
         return out
 
     def sanitize(self, weights: dict) -> dict:
