@@ -17,7 +17,7 @@ from mlx_lm.models.cache import _BaseCache
 from .cache import MAX_DRAFT_TOKENS
 from .generate import GenerationResult, Pair, Stats, encode
 from .proposers import DraftContext
-from .round import PREFILL_STEP, _cut, _pick
+from .round import PREFILL_STEP, _cut, _pick, report
 from .sampling import Proposal, SamplingParams, accept_greedy, accept_sampled, log_probs
 from .target import SLIDING
 
@@ -175,6 +175,8 @@ def batch_generate(
         raise ValueError(f"a prompt needs more positions than the target's context ({context})")
     if seed is not None:
         mx.random.seed(seed)
+    if hasattr(pair.proposer, "reset"):
+        pair.proposer.reset()
 
     batch = BatchStats()
     stats = [Stats(prompt_tokens=len(p)) for p in encoded]
@@ -253,7 +255,7 @@ def _batch_round(pair, caches, rows, history, generated, stats, carry, k, params
 
     accepted, out, drafts = accepted.tolist(), out.tolist(), proposal.tokens.tolist()
     cuts = []
-    source = getattr(pair.proposer, "name", "none") if k else "none"
+    sources = report(pair.proposer, proposal, accepted)
     for r, i in enumerate(rows):
         committed = out[r][: accepted[r] + 1]
         cut = _cut(committed, remaining[r], pair.eos_ids)
@@ -262,7 +264,7 @@ def _batch_round(pair, caches, rows, history, generated, stats, carry, k, params
         generated[i] += committed[:cut]
         stats[i].drafts.append(drafts[r])
         stats[i].accepted.append(accepted[r])
-        stats[i].sources.append(source)
+        stats[i].sources.append(sources[r])
     for c in caches:
         c.trim_rows([k + 1 - cut for cut in cuts])
     return hidden[mx.arange(B), mx.array(cuts) - 1][:, None]

@@ -15,7 +15,7 @@ from typing import Iterator, List, Optional, Union
 import mlx.core as mx
 
 from .loading import LoadError, load_pair
-from .proposers import MTPProposer
+from .proposers import HybridProposer, MTPProposer, NGramProposer
 from .round import Sequence, prefill, run_round
 from .sampling import SamplingParams
 from .cache import MAX_DRAFT_TOKENS
@@ -31,7 +31,10 @@ class Pair:
     default_draft_tokens: int = 4
 
     def __post_init__(self):
-        self.proposer = MTPProposer(self.drafter, self.target) if self.drafter else None
+        # The drafter alone (`mtp`), and the default: n-gram lookup where the context
+        # repeats itself, the drafter elsewhere. Without a drafter: the lookup alone.
+        self.mtp = MTPProposer(self.drafter, self.target) if self.drafter else None
+        self.proposer = HybridProposer(self.mtp) if self.mtp else NGramProposer()
 
 
 @dataclass
@@ -199,6 +202,8 @@ def stream_generate(
         max_tokens = min(max_tokens, context - len(seq.tokens) - len(tokens))
     if seed is not None:
         mx.random.seed(seed)
+    if hasattr(pair.proposer, "reset"):
+        pair.proposer.reset()
 
     stats = Stats(prompt_tokens=len(tokens))
     detokenizer = pair.tokenizer.detokenizer if pair.tokenizer else None

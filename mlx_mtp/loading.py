@@ -36,6 +36,10 @@ class LoadError(ValueError):
     """A pair that cannot be loaded or does not fit; the message is one line."""
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def normalize_gemma4_text(config: dict) -> dict:
     """A gemma4_text config as mlx-lm reads it, with transformers' meaning."""
     out = {**HF_GEMMA4_TEXT_DEFAULTS, **config}
@@ -72,7 +76,7 @@ def resolve(path_or_repo: str) -> Path:
             f"fetch it with `hf download {path_or_repo}` on a connected machine"
         ) from None
     except (HfHubHTTPError, OSError) as e:
-        raise LoadError(f"cannot download {path_or_repo}: {str(e).splitlines()[0]}") from None
+        raise LoadError(f"cannot download {path_or_repo}: {_one_line(e)}") from None
 
 
 def read_config(path: Path) -> dict:
@@ -91,7 +95,7 @@ def _load_weights_into(path: Path, config: dict, classes=None):
     except FileNotFoundError:
         raise LoadError(f"{path}: no model*.safetensors weights") from None
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise LoadError(f"{path}: cannot load weights ({str(e).splitlines()[0]})") from None
+        raise LoadError(f"{path}: cannot load weights ({_one_line(e)})") from None
 
 
 def _eos_ids(path: Path, config: dict) -> set:

@@ -5,7 +5,7 @@ produced it, the target's KV views and the committed history) and returns a `Pro
 """
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import List, Optional, Protocol
 
 import mlx.core as mx
 
@@ -66,3 +66,86 @@ class MTPProposer:
         return Proposal(
             mx.stack(tokens, axis=1), mx.stack(q_draft, axis=1), mx.stack(q_logprobs, axis=1), ids
         )
+
+
+def ngram_lookup(history: List[int], k: int, max_n: int = 4, min_n: int = 2) -> Optional[List[int]]:
+    """The k tokens that followed the latest earlier occurrence of the longest suffix
+    (max_n down to min_n tokens) of `history`, or None when no suffix recurs."""
+    for n in range(min(max_n, len(history) - 1), min_n - 1, -1):
+        suffix = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start : start + n] == suffix:
+                follow = history[start + n : start + n + k]
+                return follow + follow[-1:] * (k - len(follow))
+    return None
+
+
+class NGramProposer:
+    """Copies what followed the same few tokens earlier in the prompt or the output."""
+
+    name = "ngram"
+
+    def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Optional[Proposal]:
+        rows = [ngram_lookup(h, k) for h in ctx.history]
+        if any(r is None for r in rows):
+            return None
+        return deterministic(mx.array(rows))
+
+
+class HybridProposer:
+    """Per row: the n-gram lookup where it matches and its live acceptance is at least the
+    drafter's, the MTP drafter elsewhere."""
+
+    name = "hybrid"
+
+    def __init__(self, mtp: MTPProposer):
+        self.mtp = mtp
+        self.reset()
+
+    def reset(self):
+        """Forget live acceptance: each generation starts from the same prior."""
+        self.drafted = {"mtp": 1, "ngram": 1}  # a one-token prior of 0.5 acceptance each
+        self.accepted = {"mtp": 0.5, "ngram": 0.5}
+
+    def acceptance(self, source: str) -> float:
+        return self.accepted[source] / self.drafted[source]
+
+    def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Proposal:
+        lookups = [ngram_lookup(h, k) for h in ctx.history]
+        if self.acceptance("ngram") < self.acceptance("mtp"):
+            lookups = [None] * len(lookups)
+        if all(r is not None for r in lookups):
+            proposal = deterministic(mx.array(lookups))
+        else:
+            proposal = self.mtp.propose(ctx, k, params)
+            if any(r is not None for r in lookups):
+                proposal = _overlay(proposal, lookups, self.mtp.drafter.vocab_size)
+        proposal.sources = ["ngram" if r is not None else "mtp" for r in lookups]
+        return proposal
+
+    def observe(self, sources: List[str], drafted: int, accepted: List[int]):
+        for source, n in zip(sources, accepted):
+            self.drafted[source] += drafted
+            self.accepted[source] += n
+
+
+def _overlay(proposal: Proposal, lookups, vocab_size: int) -> Proposal:
+    """Replace the rows that have an n-gram proposal by it, with q = 1 on its tokens."""
+    use = mx.array([r is not None for r in lookups])[:, None]  # [B, 1]
+    ngram = mx.array([r if r is not None else [0] * proposal.k for r in lookups])  # [B, K]
+    tokens = mx.where(use, ngram, proposal.tokens)
+    q_draft = mx.where(use, 1.0, proposal.q_draft)
+    if proposal.q_ids is None:  # dense q over the vocabulary: one-hot on the token
+        vocab = mx.arange(proposal.q_logprobs.shape[-1])
+        onehot = mx.where(vocab == ngram[..., None], 0.0, -mx.inf)
+        return Proposal(tokens, q_draft, mx.where(use[..., None], onehot, proposal.q_logprobs))
+    # Sparse q: the token first, then distinct other ids with q = 0.
+    C = proposal.q_ids.shape[-1]
+    ids = (ngram[..., None] + mx.arange(C)) % vocab_size  # [B, K, C]
+    logprobs = mx.where(mx.arange(C) == 0, 0.0, -mx.inf)
+    return Proposal(
+        tokens,
+        q_draft,
+        mx.where(use[..., None], logprobs, proposal.q_logprobs),
+        mx.where(use[..., None], ids, proposal.q_ids),
+    )

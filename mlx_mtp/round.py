@@ -102,5 +102,15 @@ def run_round(
     trim(seq.cache, k + 1 - cut)
     seq.carry = hidden[:, cut - 1 : cut]
     seq.tokens += committed[:cut]
-    source = getattr(proposer, "last_source", getattr(proposer, "name", "none")) if k else "none"
-    return RoundResult(committed[:cut], proposal.tokens[0].tolist(), n, source)
+    sources = report(proposer, proposal, [n])
+    return RoundResult(committed[:cut], proposal.tokens[0].tolist(), n, sources[0])
+
+
+def report(proposer, proposal: Proposal, accepted: list) -> list:
+    """Per-row sources of a round's proposal; tells the proposer what was accepted."""
+    if proposal.k == 0:
+        return ["none"] * len(accepted)
+    sources = proposal.sources or [proposer.name] * len(accepted)
+    if hasattr(proposer, "observe"):
+        proposer.observe(sources, proposal.k, accepted)
+    return sources

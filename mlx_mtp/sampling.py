@@ -5,7 +5,7 @@ All functions are lazy MLX graphs over rows [B]; the round evaluates them once.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -64,6 +64,7 @@ class Proposal:
     q_draft: Optional[mx.array] = None
     q_logprobs: Optional[mx.array] = None
     q_ids: Optional[mx.array] = None
+    sources: Optional[List[str]] = None  # per row, who proposed (a hybrid mixes them)
 
     @property
     def k(self) -> int:

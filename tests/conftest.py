@@ -1,0 +1,77 @@
+"""Shared helpers: the committed tiny fixtures, the plain mlx-lm baseline, test proposers."""
+
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+
+import mlx_mtp
+from mlx_mtp.proposers import deterministic
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PAIRS = {
+    "e2b": ("target_e2b", "drafter_sparse"),  # kv-shared layers, per-layer inputs, sparse head
+    "31b": ("target_31b", "drafter_dense"),  # attention_k_eq_v, dense tied head
+    "moe": ("target_moe", "drafter_moe"),  # 26B-A4B-like mixture of experts
+}
+WINDOW = 8  # the fixtures' sliding window
+
+
+@lru_cache(maxsize=None)
+def load_pair(name: str) -> mlx_mtp.Pair:
+    target, drafter = PAIRS[name]
+    return mlx_mtp.load(str(FIXTURES / target), str(FIXTURES / drafter))
+
+
+def prompt_of(length: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 512) for _ in range(length)]
+
+
+def plain_greedy(model, prompt: list, max_tokens: int) -> list:
+    """What plain mlx-lm decoding gives (its own caches, one token per forward)."""
+    tokens = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        tokens.append(token)
+    return tokens
+
+
+class ContinuationProposer:
+    """Proposes a known continuation, corrupting each token with probability `noise`:
+    exercises every accept length, which a random drafter (accepting ~nothing) cannot."""
+
+    name = "oracle"
+
+    def __init__(self, sequences, noise: float, seed: int = 0):
+        self.sequences = [list(s) for s in sequences]
+        self.noise = noise
+        self.rng = random.Random(seed)
+
+    def _next(self, history, k):
+        full = next((s for s in self.sequences if s[: len(history)] == history), [])
+        n = len(history)
+        return [
+            full[n + i] if n + i < len(full) and self.rng.random() >= self.noise else 4
+            for i in range(k)
+        ]
+
+    def propose(self, ctx, k, params):
+        return deterministic(mx.array([self._next(h, k) for h in ctx.history]))
+
+
+@pytest.fixture
+def with_proposer():
+    """Temporarily replace a pair's proposer."""
+    saved = []
+
+    def swap(pair, proposer):
+        saved.append((pair, pair.proposer))
+        pair.proposer = proposer
+        return pair
+
+    yield swap
+    for pair, proposer in reversed(saved):
+        pair.proposer = proposer
