@@ -1,0 +1,268 @@
+"""Plain mlx-lm against mlx-mtp on the same loaded target: interleaved runs, medians, checks.
+
+Each measured run generates the same prompt twice, once with mlx-lm's `stream_generate` on
+`pair.target.model` and once with mlx-mtp, in alternating order so that drift (heat, other
+load) hits both. Batched runs do the same with B prompts and each library's
+`batch_generate`. Tokens/s is generation tokens over generation time as both libraries
+report it (prompt processing excluded). Greedy runs must give the same token ids.
+"""
+
+import math
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass, replace
+from importlib.metadata import version
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import mlx.core as mx
+from mlx_lm import batch_generate as mlx_lm_batch_generate
+from mlx_lm import stream_generate as mlx_lm_stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from .batch import batch_generate
+from .chat import apply_template
+from .generate import Pair, Stats, encode, generate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROMPTS = Path(__file__).with_name("bench_prompts.toml")
+WARMUP_TOKENS = 16
+
+
+def load_prompts(path: Optional[Path] = None) -> Dict[str, List[str]]:
+    """The built-in prompts by kind, or a file's non-empty lines as the kind "file"."""
+    if path is None:
+        return tomllib.loads(PROMPTS.read_text())
+    prompts = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line)")
+    return {"file": prompts}
+
+
+def encode_prompt(pair: Pair, text: str) -> List[int]:
+    """One user turn, through the chat template when the target has one."""
+    if pair.tokenizer is not None and pair.tokenizer.has_chat_template:
+        text = apply_template(pair, [{"role": "user", "content": text}])
+    return encode(pair, text)
+
+
+@dataclass(frozen=True)
+class Setting:
+    kind: str
+    temperature: float
+    draft_tokens: int
+    batch: Optional[int] = None  # B: B prompts at once with both libraries' batch_generate
+
+
+@dataclass
+class Task:
+    setting: Setting
+    prompt: int  # index of its (first) prompt within its kind
+    prompts: List[List[int]]  # one prompt, or B for a batch
+    repeat: int
+
+
+def plan(
+    pair: Pair, prompts: Dict[str, List[str]], temperatures, draft_tokens, repeats: int, batches=()
+) -> List[Task]:
+    """Every run to measure, setting by setting.
+
+    Without batches: kind x temperature x draft length, each prompt alone. With batches:
+    batch size x temperature x draft length, each batch the first B prompts of all kinds
+    (cycled when there are fewer).
+    """
+    encoded = {kind: [encode_prompt(pair, p) for p in texts] for kind, texts in prompts.items()}
+    if batches:
+        pool = [p for rows in encoded.values() for p in rows]
+        return [
+            Task(Setting("mixed", t, k, b), 0, [pool[i % len(pool)] for i in range(b)], r)
+            for b in batches
+            for t in temperatures
+            for k in draft_tokens
+            for r in range(repeats)
+        ]
+    return [
+        Task(Setting(kind, t, k), i, [tokens], r)
+        for kind, rows in encoded.items()
+        for t in temperatures
+        for k in draft_tokens
+        for i, tokens in enumerate(rows)
+        for r in range(repeats)
+    ]
+
+
+@dataclass
+class Run:
+    task: Task
+    seed: int
+    baseline_tokens: List[List[int]]  # per prompt
+    baseline_tps: float
+    mtp_tokens: List[List[int]]
+    mtp_tps: float  # of the batch as a whole when batched
+    stats: Stats  # of all rows
+
+    @property
+    def identical(self) -> Optional[bool]:
+        """Greedy: both produced the same ids. None when sampling (outputs differ by design)."""
+        if self.task.setting.temperature > 0:
+            return None
+        return self.baseline_tokens == self.mtp_tokens
+
+    def to_dict(self) -> dict:
+        s = self.task.setting
+        return {
+            "kind": s.kind,
+            "batch": s.batch,
+            "temperature": s.temperature,
+            "draft_tokens": s.draft_tokens,
+            "prompt": self.task.prompt,
+            "repeat": self.task.repeat,
+            "seed": self.seed,
+            "prompt_tokens": [len(p) for p in self.task.prompts],
+            "baseline": {"generation_tokens": sum(map(len, self.baseline_tokens)), "generation_tps": self.baseline_tps},
+            "mtp": {**self.stats.to_dict(), "generation_tps": self.mtp_tps},
+            "identical": self.identical,
+        }
+
+
+def run_baseline(pair: Pair, task: Task, max_tokens: int, sampling: dict, seed: int):
+    """Plain mlx-lm on the same model object: (ids per prompt, generation tokens/s)."""
+    sampler = make_sampler(
+        sampling["temperature"], top_p=sampling["top_p"], min_p=sampling["min_p"], top_k=sampling["top_k"]
+    )
+    mx.random.seed(seed)
+    model, tokenizer = pair.target.model, pair.tokenizer
+    if task.setting.batch:
+        out = mlx_lm_batch_generate(
+            model, tokenizer, task.prompts, max_tokens=max_tokens, sampler=sampler, return_token_ids=True
+        )
+        return out.token_ids, out.stats.generation_tps
+    tokens = []
+    for response in mlx_lm_stream_generate(model, tokenizer, task.prompts[0], max_tokens, sampler=sampler):
+        tokens.append(response.token)  # the last one is the EOS when it stopped there, as in mlx-mtp
+    return [tokens], response.generation_tps
+
+
+def run_mtp(pair: Pair, task: Task, max_tokens: int, sampling: dict, seed: int):
+    """mlx-mtp: (ids per prompt, generation tokens/s, stats of all rows)."""
+    kwargs = dict(max_tokens=max_tokens, num_draft_tokens=task.setting.draft_tokens, seed=seed, **sampling)
+    if task.setting.batch:
+        out = batch_generate(pair, task.prompts, **kwargs)
+        # mlx-lm's batch_generate leaves out the EOS that ended a row.
+        rows = [r.tokens[:-1] if r.finish_reason == "stop" else r.tokens for r in out]
+        return rows, out.stats.generation_tps, pooled([r.stats for r in out])
+    out = generate(pair, task.prompts[0], **kwargs)
+    return [out.tokens], out.stats.generation_tps, out.stats
+
+
+def benchmark(
+    pair: Pair,
+    tasks: List[Task],
+    max_tokens: int = 128,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int = 0,
+) -> Iterator[Run]:
+    """Warm both paths up, then measure each task; yields runs as they finish."""
+    warm = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+    first = {}  # one task per batch size and draft length: each compiles its own shapes
+    for task in tasks:
+        first.setdefault((task.setting.batch, task.setting.draft_tokens), task)
+    for task in first.values():
+        run_baseline(pair, task, WARMUP_TOKENS, warm, seed)
+        run_mtp(pair, task, WARMUP_TOKENS, warm, seed)
+    for i, task in enumerate(tasks):
+        sampling = {"temperature": task.setting.temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+        args = (pair, task, max_tokens, sampling, seed + i)
+        if task.repeat % 2 == 0:
+            baseline = run_baseline(*args)
+            mtp = run_mtp(*args)
+        else:
+            mtp = run_mtp(*args)
+            baseline = run_baseline(*args)
+        yield Run(task, seed + i, *baseline, *mtp)
+
+
+def pooled(stats: List[Stats]) -> Stats:
+    """One Stats over several generations: acceptance counted over all their rounds."""
+    out = Stats()
+    for s in stats:
+        out.prompt_tokens += s.prompt_tokens
+        out.generation_tokens += s.generation_tokens
+        out.prompt_time += s.prompt_time
+        out.generation_time += s.generation_time
+        out.drafts += s.drafts
+        out.accepted += s.accepted
+        out.sources += s.sources
+    return out
+
+
+def summarize(runs: List[Run]) -> dict:
+    """One entry per setting (medians of tokens/s over its runs) and the overall speedup.
+
+    The overall speedup is the geometric mean of the settings' speedups, so every kind of
+    prompt weighs the same whatever its length. Batched settings also compare mlx-mtp with
+    itself at B = 1 (`vs_batch_1`), when B = 1 was measured.
+    """
+    groups: Dict[Setting, List[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.task.setting, []).append(run)
+    medians = {s: statistics.median(r.mtp_tps for r in rs) for s, rs in groups.items()}
+    summary = []
+    for setting, rs in groups.items():
+        stats = pooled([r.stats for r in rs])
+        baseline, mtp = statistics.median(r.baseline_tps for r in rs), medians[setting]
+        entry = {
+            "kind": setting.kind,
+            "temperature": setting.temperature,
+            "draft_tokens": setting.draft_tokens,
+            "baseline_tps": baseline,
+            "mtp_tps": mtp,
+            "speedup": mtp / baseline if baseline else 0.0,
+            "acceptance": stats.acceptance_rate,
+            "mean_accepted_length": stats.mean_accepted_length,
+            "per_position_acceptance": stats.per_position_acceptance,
+            "by_source": stats.by_source,
+            "identical": None if setting.temperature > 0 else all(r.identical for r in rs),
+            "runs": len(rs),
+        }
+        if setting.batch:
+            alone = medians.get(replace(setting, batch=1))
+            entry["batch"] = setting.batch
+            entry["vs_batch_1"] = mtp / alone if alone else None
+        summary.append(entry)
+    speedups = [s["speedup"] for s in summary if s["speedup"] > 0]
+    overall = math.exp(statistics.fmean(map(math.log, speedups))) if speedups else 0.0
+    return {"summary": summary, "overall_speedup": overall}
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "device": str(mx.default_device()),
+        "device_info": mx.device_info(),
+        "python": platform.python_version(),
+        "mlx": version("mlx"),
+        "mlx-lm": version("mlx-lm"),
+        "mlx-mtp": version("mlx-mtp"),
+    }
+
+
+def report(pair: Pair, runs: List[Run], config: dict) -> dict:
+    """The --json-out document: summary, overall speedup, every run, machine and settings."""
+    return {
+        **summarize(runs),
+        "runs": [r.to_dict() for r in runs],
+        "model": pair.name,
+        "config": config,
+        "machine": machine_info(),
+    }

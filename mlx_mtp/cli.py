@@ -1,0 +1,515 @@
+"""The `mlx-mtp` command: chat, generate, bench and models, a thin layer over the library.
+
+Every bad input ends in one line on stderr and a non-zero exit; `--verbose` shows the
+traceback instead. Flags follow mlx-lm's where it has them.
+"""
+
+import functools
+import json
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import mlx.core as mx
+import transformers
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+import mlx_mtp
+
+from . import blas, registry
+from .batch import batch_generate
+from .bench import benchmark, load_prompts, plan, pooled, report
+from .cache import MAX_DRAFT_TOKENS
+from .chat import Conversation, apply_template
+from .generate import Pair, Stats
+from .sampling import SamplingParams
+
+COMMANDS = "/reset  /stats  /system TEXT  /exit"
+
+
+# typer >= 0.29 vendors click, so its usage errors are not `click`'s: take the class from typer.
+UsageError = typer.BadParameter.__mro__[1]
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a missing argument, a flag of the wrong type) as one line too."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as e:
+            fail(e.format_message(), e.exit_code)
+        # Without standalone mode, typer returns the code of a `typer.Exit` (e.g. 130 on Ctrl-C).
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Exact speculative decoding on MLX with multi-token-prediction drafters.",
+)
+
+
+@app.callback(invoke_without_command=True)
+def root(ctx: typer.Context):
+    # transformers' own warnings (e.g. a prompt longer than the tokenizer's maximum) would
+    # break one-line errors; the library reports those conditions itself.
+    transformers.logging.set_verbosity_error()
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+def fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def one_line_errors(command):
+    """Library errors (bad pair, bad file, bad value) as one line; the traceback with --verbose."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, OSError) as e:  # mlx_mtp.LoadError is a ValueError
+            if kwargs.get("verbose"):
+                raise
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    return wrapper
+
+
+# Options shared by the commands, named as in mlx-lm.
+Model = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="A pair from models.toml (see `mlx-mtp models`). Default: the embedded pair."),
+]
+Target = Annotated[Optional[str], typer.Option(help="Target: a local directory or a Hugging Face repo id.")]
+Drafter = Annotated[Optional[str], typer.Option(help="Drafter for --target: a local directory or a repo id.")]
+Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set with this mass.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 keeps all.")]
+MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below this fraction of the top probability.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
+DraftTokens = Annotated[
+    Optional[int], typer.Option("--draft-tokens", help="Tokens drafted per round (K). Default: the pair's.")
+]
+NoDraft = Annotated[bool, typer.Option("--no-draft", help="Plain decoding of the target, for comparison.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More statistics; tracebacks on errors.")]
+
+
+def check_flags(max_tokens: int, temperatures: List[float], top_p: float, top_k: int, min_p: float, ks: List[int]):
+    """Bad flag values fail before any model is loaded (or downloaded)."""
+    if max_tokens < 1:
+        fail(f"--max-tokens must be >= 1, got {max_tokens}")
+    for k in ks:
+        if not 0 <= k <= MAX_DRAFT_TOKENS:
+            fail(f"--draft-tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k}")
+    for t in temperatures:
+        try:
+            SamplingParams(t, top_p, top_k, min_p)
+        except ValueError as e:
+            fail(str(e))
+
+
+def load_pair(model: Optional[str], target: Optional[str], drafter: Optional[str], verbose: bool) -> Pair:
+    """The pair named by -m, by --target/--drafter, or the default pair."""
+    if target is None:
+        if drafter is not None:
+            fail("--drafter needs --target")
+        entry = registry.find_pair(model) if model else registry.default_pair()
+        if entry is None and model:
+            known = ", ".join(registry.load_registry())
+            fail(f"unknown model {model!r} (known: {known}); use --target/--drafter for paths and repo ids")
+        if entry is None:
+            fail("no model named and no default pair installed: pass -m ALIAS (see `mlx-mtp models`) or --target")
+        args = (entry.alias,)
+    elif model:
+        fail("give either --model or --target/--drafter, not both")
+    else:
+        args = (target, drafter)
+    tic = time.perf_counter()
+    pair = mlx_mtp.load(*args)
+    if verbose:
+        status(
+            f"loaded {pair.name or target} in {time.perf_counter() - tic:.1f} s: "
+            f"{pair.target.model_type} target, {'a' if pair.drafter else 'no'} drafter, "
+            f"K={pair.default_draft_tokens}, on {mx.default_device()}"
+        )
+        status(blas.describe())
+    return pair
+
+
+def status(message: str):
+    Console(stderr=True, soft_wrap=True).print(message, style="dim", markup=False, highlight=False)
+
+
+def summary_line(stats: Stats, finish_reason: Optional[str] = None, tps: Optional[float] = None) -> str:
+    """Tokens, tokens/s (`tps` for a batch: rows overlap in time), acceptance, accepted length."""
+    tps = stats.generation_tps if tps is None else tps
+    parts = [f"{stats.generation_tokens} tokens", f"{tps:.1f} tok/s"]
+    if stats.drafted_tokens:
+        parts += [f"acceptance {stats.acceptance_rate:.2f}", f"mean accepted length {stats.mean_accepted_length:.2f}"]
+    else:
+        parts.append("no drafts")
+    if finish_reason == "length":
+        parts.append("stopped at max tokens")
+    return ", ".join(parts)
+
+
+def details(stats: Stats) -> List[str]:
+    """Per-position and per-source acceptance, and prompt processing."""
+    lines = [f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s"]
+    if stats.drafted_tokens:
+        lines.append("acceptance by position: " + " ".join(f"{a:.2f}" for a in stats.per_position_acceptance))
+        lines.append("acceptance by source: " + sources(stats.by_source))
+    return lines
+
+
+def sources(by_source: dict) -> str:
+    return ", ".join(f"{s} {e['acceptance']:.2f} ({e['rounds']} rounds)" for s, e in by_source.items())
+
+
+def generation_kwargs(max_tokens, temp, top_p, top_k, min_p, seed, draft_tokens, no_draft) -> dict:
+    return {
+        "max_tokens": max_tokens,
+        "temperature": temp,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "seed": seed,
+        "num_draft_tokens": 0 if no_draft else draft_tokens,
+    }
+
+
+@app.command()
+@one_line_errors
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; - reads it from stdin.")] = None,
+    model: Model = None,
+    target: Target = None,
+    drafter: Drafter = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
+    temp: Temp = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    seed: Seed = None,
+    draft_tokens: DraftTokens = None,
+    no_draft: NoDraft = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user turn of the chat template.")] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (text, ids, stats), one line per prompt.")
+    ] = False,
+    prompts_file: Annotated[
+        Optional[Path], typer.Option("--prompts-file", help="One prompt per line, instead of PROMPT.")
+    ] = None,
+    batch: Annotated[
+        Optional[int], typer.Option("--batch", help="Prompts of --prompts-file decoded together. Default: 1.")
+    ] = None,
+    verbose: Verbose = False,
+):
+    """Complete one prompt, streaming the text as it is committed; or a file of prompts in batches."""
+    check_flags(max_tokens, [temp], top_p, top_k, min_p, [draft_tokens or 0])
+    if (prompt is None) == (prompts_file is None):
+        fail("give either a PROMPT (- for stdin) or --prompts-file")
+    if batch is not None and (prompts_file is None or batch < 1):
+        fail("--batch needs --prompts-file and a size >= 1")
+    prompts = load_prompts(prompts_file)["file"] if prompts_file else [sys.stdin.read() if prompt == "-" else prompt]
+    if not prompts[0]:
+        fail("the prompt is empty")
+    pair = load_pair(model, target, drafter, verbose)
+    if chat:
+        prompts = [apply_template(pair, [{"role": "user", "content": p}]) for p in prompts]
+    kwargs = generation_kwargs(max_tokens, temp, top_p, top_k, min_p, seed, draft_tokens, no_draft)
+    name = pair.name or target
+
+    if prompts_file:
+        size = batch or 1
+        for start in range(0, len(prompts), size):
+            results = batch_generate(pair, prompts[start : start + size], **kwargs)
+            kwargs["seed"] = None  # seed once, not every batch
+            for i, r in enumerate(results, start):
+                if json_:
+                    row = {"prompt": i, "model": name, "text": r.text, "tokens": r.tokens}
+                    typer.echo(json.dumps({**row, "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}))
+                else:
+                    typer.echo(f"--- prompt {i + 1} ---\n{r.text}")
+            if not json_:
+                stats = pooled([r.stats for r in results])
+                status(f"prompts {start + 1}-{i + 1}: " + summary_line(stats, tps=results.stats.generation_tps))
+        return
+
+    if json_:
+        out = mlx_mtp.generate(pair, prompts[0], **kwargs)
+        result = {"model": name, "text": out.text, "tokens": out.tokens, "finish_reason": out.finish_reason}
+        typer.echo(json.dumps({**result, "stats": out.stats.to_dict()}))
+        return
+    text = ""
+    for response in mlx_mtp.stream_generate(pair, prompts[0], **kwargs):
+        text = response.text or text
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+    if not text.endswith("\n"):
+        sys.stdout.write("\n")
+    status(summary_line(response.stats, response.finish_reason))
+    if verbose:
+        for line in details(response.stats):
+            status(line)
+
+
+@contextmanager
+def deferred_interrupt():
+    """Ctrl-C sets an event instead of raising: the reply stops between rounds, never inside
+    one, so the prompt cache always holds exactly the committed tokens."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stream_reply(conversation: Conversation, text: str, console: Console, verbose: bool, **kwargs):
+    with deferred_interrupt() as stop:
+        stream = conversation.reply(text, **kwargs)
+        response = None
+        try:
+            for response in stream:
+                console.file.write(response.text)
+                console.file.flush()
+                if stop.is_set():
+                    break
+        finally:
+            stream.close()
+    if response is None:
+        return
+    console.print()
+    line = summary_line(response.stats, response.finish_reason)
+    console.print(("[stopped] " if stop.is_set() else "") + line, style="dim", markup=False)
+    if verbose:
+        for line in details(response.stats):
+            console.print(line, style="dim")
+
+
+def print_stats(conversation: Conversation, console: Console):
+    if not conversation.replies:
+        console.print("no replies yet", style="dim")
+        return
+    stats = pooled(conversation.replies)
+    console.print(f"{len(conversation.replies)} replies: {summary_line(stats)}")
+    for line in details(stats):
+        console.print(line)
+
+
+@app.command()
+@one_line_errors
+def chat(
+    model_name: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Same as --model.")] = None,
+    model: Model = None,
+    target: Target = None,
+    drafter: Drafter = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per reply.")] = 1024,
+    temp: Temp = 0.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    seed: Seed = None,
+    draft_tokens: DraftTokens = None,
+    no_draft: NoDraft = False,
+    verbose: Verbose = False,
+):
+    """Multi-turn chat in the terminal; each turn reuses the prompt cache of the earlier ones."""
+    if model_name and model:
+        fail("give the model once, as MODEL or --model")
+    check_flags(max_tokens, [temp], top_p, top_k, min_p, [draft_tokens or 0])
+    pair = load_pair(model_name or model, target, drafter, verbose)
+    conversation = Conversation(pair)
+    apply_template(pair, [{"role": "user", "content": "hi"}])  # no chat template: fail now, not at turn 1
+    kwargs = generation_kwargs(max_tokens, temp, top_p, top_k, min_p, seed, draft_tokens, no_draft)
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"{pair.name or target}: {COMMANDS}; Ctrl-C stops a reply, Ctrl-D exits", style="dim", markup=False)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            console.print()
+            return
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as in a shell
+            console.print()
+            continue
+        command, _, argument = line.strip().partition(" ")
+        if command == "/exit":
+            return
+        elif command == "/reset":
+            conversation.reset()
+            console.print("new conversation", style="dim")
+        elif command == "/stats":
+            print_stats(conversation, console)
+        elif command == "/system":
+            conversation.set_system(argument.strip())
+            console.print(f"system prompt {'set' if argument.strip() else 'cleared'}", style="dim")
+        elif command.startswith("/"):
+            console.print(f"unknown command {command}; commands: {COMMANDS}", style="dim", markup=False)
+        elif line.strip():
+            try:
+                stream_reply(conversation, line, console, verbose, **kwargs)
+            except ValueError as e:  # e.g. the context is full: the conversation goes on
+                console.print(f"error: {e} (/reset starts a new conversation)", style="red", markup=False)
+            kwargs["seed"] = None  # seed once per session, not every turn
+
+
+def parse_list(value: Optional[str], kind, flag: str) -> list:
+    if value is None:
+        return []
+    try:
+        return [kind(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        fail(f"{flag} takes comma-separated numbers, got {value!r}")
+
+
+@app.command()
+@one_line_errors
+def bench(
+    model: Model = None,
+    target: Target = None,
+    drafter: Drafter = None,
+    prompts: Annotated[
+        Optional[Path], typer.Option("--prompts", help="One prompt per line, instead of the built-in sets.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per run.")] = 128,
+    temp: Annotated[str, typer.Option("--temp", help="Temperatures, comma-separated (0: greedy, checked).")] = "0",
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first run (run i uses seed + i).")] = 0,
+    draft_tokens: Annotated[
+        Optional[str], typer.Option("--draft-tokens", help="Draft lengths, comma-separated, e.g. 2,4,6.")
+    ] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Runs of each prompt and setting.")] = 3,
+    batch: Annotated[
+        Optional[str],
+        typer.Option("--batch", help="Batch sizes, e.g. 1,4,8: B prompts at once, against mlx-lm's batch_generate."),
+    ] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json-out", help="Write the summary and every run.")] = None,
+    verbose: Verbose = False,
+):
+    """Plain mlx-lm against mlx-mtp on the same loaded target, interleaved, with medians."""
+    temperatures = parse_list(temp, float, "--temp") or [0.0]
+    ks = parse_list(draft_tokens, int, "--draft-tokens")
+    batches = parse_list(batch, int, "--batch")
+    check_flags(max_tokens, temperatures, top_p, top_k, min_p, ks)
+    if repeats < 1:
+        fail(f"--repeats must be >= 1, got {repeats}")
+    if any(b < 1 for b in batches):
+        fail(f"--batch sizes must be >= 1, got {batch}")
+    if json_out and not json_out.parent.is_dir():  # find out now, not after the whole run
+        fail(f"--json-out: no directory {json_out.parent}")
+    prompt_sets = load_prompts(prompts)
+    pair = load_pair(model, target, drafter, verbose)
+    if pair.drafter is None:
+        fail("bench compares against a drafter: pass --drafter with --target")
+    tasks = plan(pair, prompt_sets, temperatures, ks or [pair.default_draft_tokens], repeats, batches)
+    runs = []
+    err = Console(stderr=True, highlight=False)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True) as progress:
+        bar = progress.add_task("warming up", total=len(tasks))
+        for run in benchmark(pair, tasks, max_tokens, top_p, top_k, min_p, seed):
+            runs.append(run)
+            s = run.task.setting
+            name = f"B={s.batch}" if s.batch else s.kind
+            progress.update(bar, advance=1, description=f"{name} T={s.temperature:g} K={s.draft_tokens}")
+            if verbose:
+                progress.console.print(
+                    f"{name} #{run.task.prompt} T={s.temperature:g} K={s.draft_tokens}: mlx-lm "
+                    f"{run.baseline_tps:.1f} tok/s, mlx-mtp {run.mtp_tps:.1f} tok/s, {summary_line(run.stats)}"
+                )
+    config = {
+        "max_tokens": max_tokens,
+        "repeats": repeats,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "seed": seed,
+        "prompts": str(prompts) if prompts else "built-in",
+        "batch": batches or None,
+    }
+    result = report(pair, runs, config)
+    Console(highlight=False).print(*bench_tables(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
+    differ = sum(r.identical is False for r in runs)
+    if differ:
+        fail(f"greedy outputs of mlx-lm and mlx-mtp differ in {differ} of {len(runs)} runs")
+
+
+def _fraction(x: float) -> str:
+    return f"{x:.2f}".lstrip("0")
+
+
+def bench_tables(result: dict) -> List[Table]:
+    """Speed (with the greedy identity check), then acceptance: each fits 80 columns."""
+    rows = result["summary"]
+    batched = "batch" in rows[0]
+    speed = Table(title=f"overall speedup {result['overall_speedup']:.2f}x", box=box.SIMPLE_HEAD)
+    accept = Table(caption="accept: drafted tokens accepted; len: tokens per target forward", box=box.SIMPLE_HEAD)
+    setting = ["B" if batched else "kind", "T", "K"]
+    for name in setting + ["mlx-lm tok/s", "mlx-mtp tok/s", "speedup"] + ["vs B=1"] * batched + ["same"]:
+        speed.add_column(name, justify="left" if name == "kind" else "right")
+    for name in setting + ["accept", "len", "per position", "by source"]:
+        accept.add_column(name, justify="right" if name in ("B", "T", "K", "accept", "len") else "left")
+    for r in rows:
+        cells = [str(r["batch"]) if batched else r["kind"], f"{r['temperature']:g}", str(r["draft_tokens"])]
+        ratios = [f"{r['speedup']:.2f}x"]
+        if batched:
+            ratios.append("-" if r["vs_batch_1"] is None else f"{r['vs_batch_1']:.2f}x")
+        # Greedy outputs must be identical; sampled ones differ by design.
+        same = {None: "-", True: "yes", False: "[bold red]NO[/]"}[r["identical"]]
+        speed.add_row(*cells, f"{r['baseline_tps']:.1f}", f"{r['mtp_tps']:.1f}", *ratios, same)
+        positions = " ".join(_fraction(a) for a in r["per_position_acceptance"])
+        by_source = ", ".join(f"{s} {_fraction(e['acceptance'])}" for s, e in r["by_source"].items())
+        accept.add_row(*cells, _fraction(r["acceptance"]), f"{r['mean_accepted_length']:.2f}", positions, by_source)
+    return [speed, accept]
+
+
+@app.command()
+@one_line_errors
+def models():
+    """The named pairs of models.toml: sizes, and what is already downloaded."""
+    entries = list(registry.load_registry().values())
+    default = registry.default_pair()
+    table = Table(box=box.SIMPLE_HEAD)
+    for name in ["alias", "target / drafter", "size", "downloaded"]:
+        table.add_column(name, overflow="fold")
+    for entry, (t, d) in zip(entries, registry.presence(entries)):
+        alias = entry.alias + (" (default)" if default and entry.alias == default.alias else "")
+        target = "built on first use" if entry.kind == registry.EMBEDDED else entry.target
+        downloaded = {(True, True): "yes", (True, False): "target", (False, True): "drafter"}.get(
+            (t.local, d.local), "no"
+        )
+        size = " + ".join(_size(p.size) for p in (t, d) if p.size is not None) or "?"
+        table.add_row(alias, f"{target}\n{entry.drafter}", size, downloaded)
+        table.add_row("", f"[dim]{escape(entry.note)} (K={entry.draft_tokens})[/]", end_section=True)
+    Console(highlight=False).print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def main():
+    app()
