@@ -10,6 +10,7 @@ from .generate import (
     make_prompt_cache,
     stream_generate,
 )
+from .batch import batch_generate
 from .loading import LoadError
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "LoadError",
     "Pair",
     "Stats",
+    "batch_generate",
     "generate",
     "load",
     "make_prompt_cache",

@@ -75,3 +75,31 @@ def with_proposer():
     yield swap
     for pair, proposer in reversed(saved):
         pair.proposer = proposer
+
+
+class NoisyTargetProposer:
+    """Samples drafts from q = the target's own distribution with fixed logit noise: q is
+    close to p, so most drafts are accepted and most rejections land on likely tokens."""
+
+    name = "noisy-target"
+
+    def __init__(self, model, noise: float, seed: int = 0):
+        self.model = model
+        self.noise = noise
+        self.key = mx.random.key(seed)
+
+    def propose(self, ctx, k, params):
+        from mlx_mtp.sampling import Proposal, log_probs, sample_candidates
+
+        history = mx.array(ctx.history)  # rows of equal length (used right after prefill)
+        tokens, q_draft, q_logprobs = [], [], []
+        for i in range(k):
+            logits = self.model(history)[:, -1]
+            logits = logits + self.noise * mx.random.normal(logits.shape[-1:], key=mx.random.split(self.key, k)[i])
+            logprobs = log_probs(logits, params)
+            token, q = sample_candidates(logprobs, None, params.greedy)
+            tokens.append(token)
+            q_draft.append(q)
+            q_logprobs.append(logprobs)
+            history = mx.concatenate([history, token[:, None]], axis=1)
+        return Proposal(mx.stack(tokens, 1), mx.stack(q_draft, 1), mx.stack(q_logprobs, 1))
