@@ -1,5 +1,9 @@
 """mlx-mtp: exact speculative decoding with multi-token-prediction drafters on MLX."""
 
+from .blas import preload_mkl
+
+preload_mkl()  # before anything imports mlx: MKL only takes over MLX's BLAS if loaded first
+
 from .generate import (
     GenerationResponse,
     GenerationResult,

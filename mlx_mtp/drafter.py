@@ -34,14 +34,18 @@ class ModelArgs(BaseModelArgs):
     num_centroids: int = 2048
     centroid_intermediate_top_k: int = 32
     tie_word_embeddings: bool = True
+    # mlx-mtp extension: the drafter has the target's hidden size and no embedding of its
+    # own; its head and token rows are the target's (tied) embedding, lent at load time.
+    shares_target_embedding: bool = False
 
 
 class DrafterModel(nn.Module):
     """The checkpoint's `model.*`: tied embedding, query-only layers, final norm."""
 
-    def __init__(self, args: gemma4_text.ModelArgs):
+    def __init__(self, args: gemma4_text.ModelArgs, own_embedding: bool = True):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        if own_embedding:
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [gemma4_text.DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
@@ -54,7 +58,7 @@ class Drafter(nn.Module):
         text["num_kv_shared_layers"] = text["num_hidden_layers"]  # all layers share KV
         self.text_args = gemma4_text.ModelArgs.from_dict(text)
         hidden, backbone = self.text_args.hidden_size, args.backbone_hidden_size
-        self.model = DrafterModel(self.text_args)
+        self.model = DrafterModel(self.text_args, own_embedding=not args.shares_target_embedding)
         self.pre_projection = nn.Linear(2 * backbone, hidden, bias=False)
         self.post_projection = nn.Linear(hidden, backbone, bias=False)
         if args.use_ordered_embeddings:
@@ -73,11 +77,21 @@ class Drafter(nn.Module):
     def vocab_size(self):
         return self.text_args.vocab_size
 
+    def lend_embedding(self, embedding: nn.Module):
+        """Use the target's embedding as the head (kept out of this module's parameters)."""
+        self._lent_embedding = lambda: embedding
+
+    @property
+    def embedding(self) -> nn.Module:
+        if self.args.shares_target_embedding:
+            return self._lent_embedding()
+        return self.model.embed_tokens
+
     def head(self, h: mx.array) -> Candidates:
         """[B, hidden] -> drafter logits over its candidate set."""
         if "masked_embedding" in self:
-            return self.masked_embedding(h, self.model.embed_tokens)
-        return Candidates(self.model.embed_tokens.as_linear(h))
+            return self.masked_embedding(h, self.embedding)
+        return Candidates(self.embedding.as_linear(h))
 
     def __call__(self, token_embedding, carry, shared_kv: dict, masks: dict, position):
         """One draft step for B rows.

@@ -163,6 +163,8 @@ def make_prompt_cache(pair: Pair) -> Sequence:
 def encode(pair: Pair, prompt: Union[str, List[int]], first: bool = True) -> List[int]:
     if not isinstance(prompt, str):
         return [int(t) for t in prompt]
+    if not prompt:
+        return []
     if pair.tokenizer is None:
         raise LoadError("this target has no tokenizer: pass the prompt as a list of token ids")
     tok = pair.tokenizer

@@ -142,6 +142,11 @@ def load_drafter(path: Path, dtype=None) -> Drafter:
     return drafter
 
 
+def lend_target_embedding(target: Target, drafter: Drafter):
+    if drafter.args.shares_target_embedding:
+        drafter.lend_embedding(target.decoder.embed_tokens)
+
+
 def check_pair(target: Target, drafter: Drafter):
     """One-line errors for a drafter that cannot run on this target."""
     backbone = drafter.args.backbone_hidden_size
@@ -165,5 +170,6 @@ def load_pair(target_path: str, drafter_path: Optional[str]):
     drafter = None
     if drafter_path is not None:
         drafter = load_drafter(resolve(drafter_path), target.dtype)
+        lend_target_embedding(target, drafter)
         check_pair(target, drafter)
     return target, drafter, tokenizer, eos

@@ -54,7 +54,8 @@ class Target:
 
     @property
     def dtype(self):
-        return self.decoder.embed_tokens.weight.dtype
+        # The norm is never quantized: the dtype activations and KV arrays have.
+        return self.decoder.norm.weight.dtype
 
     def make_cache(self):
         return [
