@@ -14,11 +14,12 @@ from typing import Iterator, List, Optional, Union
 
 import mlx.core as mx
 
+from .cache import MAX_DRAFT_TOKENS
 from .loading import LoadError, load_pair
 from .proposers import HybridProposer, MTPProposer, NGramProposer
 from .round import Sequence, prefill, run_round
 from .sampling import SamplingParams
-from .cache import MAX_DRAFT_TOKENS
+from .tuning import choose_k, measure_costs
 
 
 @dataclass
@@ -29,6 +30,14 @@ class Pair:
     eos_ids: frozenset
     name: str = ""
     default_draft_tokens: int = 4
+
+    costs: Optional[object] = field(default=None, repr=False)  # measured once, for auto K
+
+    def draft_costs(self):
+        """Measured target and drafter costs, for choosing K (once per pair)."""
+        if self.costs is None:
+            self.costs = measure_costs(self, self.default_draft_tokens)
+        return self.costs
 
     def __post_init__(self):
         # The drafter alone (`mtp`), and the default: n-gram lookup where the context
@@ -184,9 +193,14 @@ def stream_generate(
     seed: Optional[int] = None,
     prompt_cache: Optional[Sequence] = None,
 ) -> Iterator[GenerationResponse]:
-    """Yield committed text round by round; the last chunk has a finish_reason."""
+    """Yield committed text round by round; the last chunk has a finish_reason.
+
+    num_draft_tokens: K drafts every round (0: plain decoding), or None to choose K each
+    round from the pair's measured costs and the live acceptance, up to its default.
+    """
     params = SamplingParams(temperature, top_p, top_k, min_p)
-    k = pair.default_draft_tokens if num_draft_tokens is None else num_draft_tokens
+    auto = num_draft_tokens is None  # choose K per round, up to the pair's default
+    k = pair.default_draft_tokens if auto else num_draft_tokens
     if not 0 <= k <= MAX_DRAFT_TOKENS:
         raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k}")
     if max_tokens < 1:
@@ -223,6 +237,7 @@ def stream_generate(
             text = detokenizer.last_segment
         return GenerationResponse(text, new, stats, finish)
 
+    costs = pair.draft_costs() if auto and k > 0 else None
     tic = time.perf_counter()
     first = prefill(pair.target, seq, tokens, params)
     stats.prompt_time = time.perf_counter() - tic
@@ -236,7 +251,8 @@ def stream_generate(
         if finish:
             return
         limit = max_tokens - stats.generation_tokens
-        result = run_round(pair.target, pair.proposer, seq, min(k, limit - 1), params, limit, pair.eos_ids)
+        k_round = choose_k(costs, stats, k) if costs else k
+        result = run_round(pair.target, pair.proposer, seq, min(k_round, limit - 1), params, limit, pair.eos_ids)
         stats.drafts.append(result.drafted)
         stats.accepted.append(result.accepted)
         stats.sources.append(result.source)

@@ -1,0 +1,98 @@
+"""Choosing the draft length K from measured costs and live acceptance.
+
+On a GPU one target forward over K + 1 tokens costs about what one token costs; on a CPU it
+does not (see EMBEDDED.md). With T(n) the measured cost of a target forward over n new
+tokens, D one drafter step and a_i the live conditional acceptance of draft position i,
+a round of K drafts commits E(K) = 1 + a_1 + a_1 a_2 + ... tokens for T(K + 1) + K D, and
+the loop picks the K (0 included: plain decoding) with the most tokens per second.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import List
+
+import mlx.core as mx
+
+from .cache import trim
+
+WINDOW = 32  # recent rounds that inform the acceptance estimate
+PRIOR = (1.0, 1.0)  # Beta prior on each conditional acceptance: (accepted, rejected)
+PROBE_EVERY = 8  # after this many plain rounds, draft once to refresh the estimate
+
+
+@dataclass
+class Costs:
+    target: List[float]  # target[n - 1]: seconds for a forward over n new tokens
+    draft_step: float  # seconds for one drafter step
+
+
+def _median_time(fn, repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_costs(pair, k_max: int, context: int = 128) -> Costs:
+    """Time target forwards over 1..k_max + 1 tokens and one drafter step, on a scratch
+    cache holding `context` positions."""
+    target = pair.target
+    cache = target.make_cache()
+    mx.eval(target.hidden(mx.arange(3, 3 + context)[None], cache))
+
+    def forward(n):
+        def run():
+            mx.eval(mx.argmax(target.logits(target.hidden(mx.arange(5, 5 + n)[None], cache)), axis=-1))
+            trim(cache, n)
+
+        return run
+
+    costs = [_median_time(forward(n)) for n in range(1, k_max + 2)]
+    draft = 0.0
+    if pair.mtp is not None:
+        from .proposers import DraftContext
+        from .sampling import SamplingParams
+
+        carry = mx.zeros((1, 1, target.hidden_size), target.dtype)
+        ctx = DraftContext(mx.array([7]), carry, context, target.shared_kv(cache), [[7] * (context + 1)])
+        draft = _median_time(lambda: mx.eval(pair.mtp.propose(ctx, 1, SamplingParams()).tokens))
+    return Costs(costs, draft)
+
+
+def conditional_acceptance(drafts: List[List[int]], accepted: List[int], k_max: int) -> List[float]:
+    """a_i = P(draft i accepted | drafts before it accepted), over the recent rounds."""
+    drafts, accepted = drafts[-WINDOW:], accepted[-WINDOW:]
+    out = []
+    for i in range(k_max):
+        reached = [a for d, a in zip(drafts, accepted) if len(d) > i and a >= i]
+        hits = sum(a > i for a in reached)
+        out.append((hits + PRIOR[0]) / (len(reached) + PRIOR[0] + PRIOR[1]))
+    return out
+
+
+def best_k(costs: Costs, acceptance: List[float], mtp_share: float = 1.0) -> int:
+    """argmax over K of expected committed tokens per second."""
+    best, best_rate = 0, 1.0 / costs.target[0]
+    expected, survive = 1.0, 1.0
+    for k, a in enumerate(acceptance, start=1):
+        if k >= len(costs.target):
+            break
+        survive *= a
+        expected += survive
+        rate = expected / (costs.target[k] + k * costs.draft_step * mtp_share)
+        if rate > best_rate:
+            best, best_rate = k, rate
+    return best
+
+
+def choose_k(costs: Costs, stats, k_max: int) -> int:
+    """K for the next round of a generation, from its own rounds so far."""
+    recent = stats.drafts[-PROBE_EVERY:]
+    if len(recent) == PROBE_EVERY and not any(recent):
+        return 1  # plain rounds teach nothing about acceptance: probe once
+    drafted = [s for d, s in zip(stats.drafts[-WINDOW:], stats.sources[-WINDOW:]) if d]
+    mtp_share = sum(s == "mtp" for s in drafted) / len(drafted) if drafted else 1.0
+    return best_k(costs, conditional_acceptance(stats.drafts, stats.accepted, k_max), mtp_share)

@@ -1,0 +1,46 @@
+"""Choosing K from measured costs and live acceptance."""
+
+import mlx_mtp
+from conftest import ContinuationProposer, load_pair, plain_greedy, prompt_of
+from mlx_mtp.generate import Stats
+from mlx_mtp.tuning import Costs, best_k, choose_k, conditional_acceptance
+
+GPU = Costs(target=[1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.14, 1.16], draft_step=0.03)
+CPU = Costs(target=[1.0, 1.18, 1.28, 1.91, 1.99, 2.06, 2.4, 2.69, 3.0], draft_step=0.04)
+
+
+def test_cheap_verification_and_good_drafts_draft_long():
+    assert best_k(GPU, [0.8] * 8) == 8
+
+
+def test_cpu_costs_stop_before_the_expensive_jump():
+    # Verifying 4+ tokens costs ~1.9x one token on this CPU: K stays below 3.
+    assert best_k(CPU, [0.7] * 8) == 2
+
+
+def test_poor_acceptance_turns_speculation_off():
+    assert best_k(CPU, [0.05] * 8) == 0
+    assert best_k(GPU, [0.05] * 8) == 0
+
+
+def test_conditional_acceptance_from_rounds():
+    drafts = [[1, 2, 3]] * 10
+    accepted = [3] * 5 + [0] * 5  # position 1: 5 of 10; positions 2, 3: all that got there
+    a = conditional_acceptance(drafts, accepted, 3)
+    assert abs(a[0] - 6 / 12) < 1e-9 and abs(a[1] - 6 / 7) < 1e-9 and abs(a[2] - 6 / 7) < 1e-9
+
+
+def test_plain_rounds_are_probed_now_and_then():
+    stats = Stats(drafts=[[]] * 8, accepted=[0] * 8, sources=["none"] * 8)
+    assert choose_k(CPU, stats, 4) == 1
+
+
+def test_auto_draft_length_stays_exact(with_proposer):
+    pair = load_pair("31b")
+    prompt = prompt_of(20, seed=5)
+    expected = plain_greedy(pair.target.model, prompt, 40)
+    with_proposer(pair, ContinuationProposer([prompt + expected], noise=0.1))
+    out = mlx_mtp.generate(pair, prompt, max_tokens=40)  # num_draft_tokens=None: auto
+    assert out.tokens == expected
+    assert pair.costs is not None and len(pair.costs.target) == pair.default_draft_tokens + 1
+    assert all(len(d) <= pair.default_draft_tokens for d in out.stats.drafts)
