@@ -56,8 +56,12 @@ def encode_prompt(pair: Pair, text: str) -> List[int]:
 class Setting:
     kind: str
     temperature: float
-    draft_tokens: int
-    batch: Optional[int] = None  # B: B prompts at once with both libraries' batch_generate
+    draft_tokens: Optional[int]  # None: chosen each round
+    batch: Optional[int] = None
+
+    @property
+    def k_label(self):
+        return "auto" if self.draft_tokens is None else self.draft_tokens  # B: B prompts at once with both libraries' batch_generate
 
 
 @dataclass
@@ -120,7 +124,7 @@ class Run:
             "kind": s.kind,
             "batch": s.batch,
             "temperature": s.temperature,
-            "draft_tokens": s.draft_tokens,
+            "draft_tokens": s.k_label,
             "prompt": self.task.prompt,
             "repeat": self.task.repeat,
             "seed": self.seed,
@@ -222,7 +226,7 @@ def summarize(runs: List[Run]) -> dict:
         entry = {
             "kind": setting.kind,
             "temperature": setting.temperature,
-            "draft_tokens": setting.draft_tokens,
+            "draft_tokens": setting.k_label,
             "baseline_tps": baseline,
             "mtp_tps": mtp,
             "speedup": mtp / baseline if baseline else 0.0,

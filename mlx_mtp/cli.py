@@ -102,7 +102,8 @@ TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely token
 MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens below this fraction of the top probability.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
 DraftTokens = Annotated[
-    Optional[int], typer.Option("--draft-tokens", help="Tokens drafted per round (K). Default: the pair's.")
+    Optional[int],
+    typer.Option("--draft-tokens", help="Tokens drafted per round (K). Default: chosen each round, up to the pair's."),
 ]
 NoDraft = Annotated[bool, typer.Option("--no-draft", help="Plain decoding of the target, for comparison.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More statistics; tracebacks on errors.")]
@@ -375,7 +376,7 @@ def parse_list(value: Optional[str], kind, flag: str) -> list:
     try:
         return [kind(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        fail(f"{flag} takes comma-separated numbers, got {value!r}")
+        fail(f"{flag} takes comma-separated values, got {value!r}")
 
 
 @app.command()
@@ -394,8 +395,9 @@ def bench(
     min_p: MinP = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first run (run i uses seed + i).")] = 0,
     draft_tokens: Annotated[
-        Optional[str], typer.Option("--draft-tokens", help="Draft lengths, comma-separated, e.g. 2,4,6.")
-    ] = None,
+        Optional[str],
+        typer.Option("--draft-tokens", help="Draft lengths, comma-separated, e.g. auto,2,4 (auto: chosen each round)."),
+    ] = "auto",
     repeats: Annotated[int, typer.Option("--repeats", help="Runs of each prompt and setting.")] = 3,
     batch: Annotated[
         Optional[str],
@@ -406,9 +408,9 @@ def bench(
 ):
     """Plain mlx-lm against mlx-mtp on the same loaded target, interleaved, with medians."""
     temperatures = parse_list(temp, float, "--temp") or [0.0]
-    ks = parse_list(draft_tokens, int, "--draft-tokens")
+    ks = parse_list(draft_tokens, lambda v: None if v.strip() == "auto" else int(v), "--draft-tokens")
     batches = parse_list(batch, int, "--batch")
-    check_flags(max_tokens, temperatures, top_p, top_k, min_p, ks)
+    check_flags(max_tokens, temperatures, top_p, top_k, min_p, [k for k in ks if k is not None])
     if repeats < 1:
         fail(f"--repeats must be >= 1, got {repeats}")
     if any(b < 1 for b in batches):
@@ -419,7 +421,7 @@ def bench(
     pair = load_pair(model, target, drafter, verbose)
     if pair.drafter is None:
         fail("bench compares against a drafter: pass --drafter with --target")
-    tasks = plan(pair, prompt_sets, temperatures, ks or [pair.default_draft_tokens], repeats, batches)
+    tasks = plan(pair, prompt_sets, temperatures, ks or [None], repeats, batches)
     runs = []
     err = Console(stderr=True, highlight=False)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
@@ -429,10 +431,10 @@ def bench(
             runs.append(run)
             s = run.task.setting
             name = f"B={s.batch}" if s.batch else s.kind
-            progress.update(bar, advance=1, description=f"{name} T={s.temperature:g} K={s.draft_tokens}")
+            progress.update(bar, advance=1, description=f"{name} T={s.temperature:g} K={s.k_label}")
             if verbose:
                 progress.console.print(
-                    f"{name} #{run.task.prompt} T={s.temperature:g} K={s.draft_tokens}: mlx-lm "
+                    f"{name} #{run.task.prompt} T={s.temperature:g} K={s.k_label}: mlx-lm "
                     f"{run.baseline_tps:.1f} tok/s, mlx-mtp {run.mtp_tps:.1f} tok/s, {summary_line(run.stats)}"
                 )
     config = {
