@@ -160,7 +160,7 @@ def run_mtp(pair: Pair, task: Task, max_tokens: int, sampling: dict, seed: int):
         out = batch_generate(pair, task.prompts, **kwargs)
         # mlx-lm's batch_generate leaves out the EOS that ended a row.
         rows = [r.tokens[:-1] if r.finish_reason == "stop" else r.tokens for r in out]
-        return rows, out.stats.generation_tps, pooled([r.stats for r in out])
+        return rows, out.stats.generation_tps, Stats.pooled([r.stats for r in out])
     out = generate(pair, task.prompts[0], **kwargs)
     return [out.tokens], out.stats.generation_tps, out.stats
 
@@ -194,20 +194,6 @@ def benchmark(
         yield Run(task, seed + i, *baseline, *mtp)
 
 
-def pooled(stats: List[Stats]) -> Stats:
-    """One Stats over several generations: acceptance counted over all their rounds."""
-    out = Stats()
-    for s in stats:
-        out.prompt_tokens += s.prompt_tokens
-        out.generation_tokens += s.generation_tokens
-        out.prompt_time += s.prompt_time
-        out.generation_time += s.generation_time
-        out.drafts += s.drafts
-        out.accepted += s.accepted
-        out.sources += s.sources
-    return out
-
-
 def summarize(runs: List[Run]) -> dict:
     """One entry per setting (medians of tokens/s over its runs) and the overall speedup.
 
@@ -221,7 +207,7 @@ def summarize(runs: List[Run]) -> dict:
     medians = {s: statistics.median(r.mtp_tps for r in rs) for s, rs in groups.items()}
     summary = []
     for setting, rs in groups.items():
-        stats = pooled([r.stats for r in rs])
+        stats = Stats.pooled([r.stats for r in rs])
         baseline, mtp = statistics.median(r.baseline_tps for r in rs), medians[setting]
         entry = {
             "kind": setting.kind,

@@ -27,7 +27,7 @@ import mlx_mtp
 
 from . import blas, registry
 from .batch import batch_generate
-from .bench import benchmark, load_prompts, plan, pooled, report
+from .bench import benchmark, load_prompts, plan, report
 from .cache import MAX_DRAFT_TOKENS
 from .chat import Conversation, apply_template
 from .generate import Pair, Stats
@@ -247,7 +247,7 @@ def generate(
                 else:
                     typer.echo(f"--- prompt {i + 1} ---\n{r.text}")
             if not json_:
-                stats = pooled([r.stats for r in results])
+                stats = Stats.pooled([r.stats for r in results])
                 status(f"prompts {start + 1}-{i + 1}: " + summary_line(stats, tps=results.stats.generation_tps))
         return
 
@@ -307,7 +307,7 @@ def print_stats(conversation: Conversation, console: Console):
     if not conversation.replies:
         console.print("no replies yet", style="dim")
         return
-    stats = pooled(conversation.replies)
+    stats = Stats.pooled(conversation.replies)
     console.print(f"{len(conversation.replies)} replies: {summary_line(stats)}")
     for line in details(stats):
         console.print(line)

@@ -113,6 +113,20 @@ class Stats:
     def generation_tps(self) -> float:
         return self.generation_tokens / self.generation_time if self.generation_time else 0.0
 
+    @classmethod
+    def pooled(cls, stats: List["Stats"]) -> "Stats":
+        """One Stats over several generations: acceptance counted over all their rounds."""
+        out = cls()
+        for s in stats:
+            out.prompt_tokens += s.prompt_tokens
+            out.generation_tokens += s.generation_tokens
+            out.prompt_time += s.prompt_time
+            out.generation_time += s.generation_time
+            out.drafts += s.drafts
+            out.accepted += s.accepted
+            out.sources += s.sources
+        return out
+
     def to_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
