@@ -89,7 +89,7 @@ def test_the_summary_has_one_entry_per_setting_with_medians():
         assert entry["baseline_tps"] == sorted(r.baseline_tps for r in group)[1]
         assert entry["mtp_tps"] == sorted(r.mtp_tps for r in group)[1]
         assert entry["speedup"] == pytest.approx(entry["mtp_tps"] / entry["baseline_tps"])
-        assert entry["acceptance"] == bench.pooled([r.stats for r in group]).acceptance_rate
+        assert entry["acceptance"] == Stats.pooled([r.stats for r in group]).acceptance_rate
         assert entry["identical"] is (True if entry["temperature"] == 0 else None)
     speedups = [e["speedup"] for e in result["summary"]]
     assert min(speedups) <= result["overall_speedup"] <= max(speedups)
@@ -118,7 +118,7 @@ def test_batched_runs_match_mlx_lm_batches_row_by_row():
 def test_pooled_stats_count_every_round_of_every_run():
     a = Stats(generation_tokens=5, generation_time=1.0, drafts=[[1, 2], [3, 4]], accepted=[2, 0], sources=["mtp"] * 2)
     b = Stats(generation_tokens=3, generation_time=1.0, drafts=[[5, 6]], accepted=[1], sources=["ngram"])
-    pooled = bench.pooled([a, b])
+    pooled = Stats.pooled([a, b])
     assert pooled.rounds == 3 and pooled.acceptance_rate == 3 / 6
     assert pooled.per_position_acceptance == [2 / 3, 1 / 3]
     assert pooled.by_source["ngram"]["acceptance"] == 0.5
