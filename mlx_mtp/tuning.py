@@ -7,13 +7,15 @@ a round of K drafts commits E(K) = 1 + a_1 + a_1 a_2 + ... tokens for T(K + 1) +
 the loop picks the K (0 included: plain decoding) with the most tokens per second.
 """
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import List
 
 import mlx.core as mx
 
 from .cache import trim
+from .paths import cache_home
 
 WINDOW = 32  # recent rounds that inform the acceptance estimate
 PRIOR = (1.0, 1.0)  # Beta prior on each conditional acceptance: (accepted, rejected)
@@ -60,6 +62,28 @@ def measure_costs(pair, k_max: int, context: int = 128) -> Costs:
         ctx = DraftContext(mx.array([7]), carry, context, target.shared_kv(cache), [[7] * (context + 1)])
         draft = _median_time(lambda: mx.eval(pair.mtp.propose(ctx, 1, SamplingParams()).tokens))
     return Costs(costs, draft)
+
+
+def shape_key(pair, k_max: int) -> str:
+    """Costs depend on shapes, dtype and device, not on weights: the key of a measurement."""
+    t, d = pair.target, pair.drafter
+    parts = [t.model_type, t.hidden_size, len(t.layer_types), t.vocab_size, t.dtype, mx.default_device(), k_max]
+    if d is not None:
+        parts += [d.text_args.hidden_size, d.text_args.num_hidden_layers, d.args.use_ordered_embeddings]
+    return "/".join(map(str, parts))
+
+
+def load_or_measure(pair, k_max: int) -> Costs:
+    """Measured costs, remembered on disk: the same machine and shapes give the same K
+    choices, so seeded sampling repeats across runs."""
+    path = cache_home() / "costs.json"
+    key = shape_key(pair, k_max)
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if key not in known:
+        known[key] = asdict(measure_costs(pair, k_max))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1))
+    return Costs(**known[key])
 
 
 def conditional_acceptance(drafts: List[List[int]], accepted: List[int], k_max: int) -> List[float]:

@@ -248,7 +248,7 @@ def replies(result) -> list:
 
 def test_chat_over_several_turns_with_reset_stats_and_system():
     script = "Hello there\nHow are you?\n/stats\n/reset\nHi again\n/system Be brief.\nAnd now?\n/oops\n/exit\nnot read\n"
-    result = run("chat", *PAIR, "-n", 10, input=script)
+    result = run("chat", *PAIR, "-n", 10, "--draft-tokens", 2, input=script)
     assert result.exit_code == 0, result.output
     assert len(replies(result)) == 4
     assert "2 replies: 20 tokens" in result.stdout and "acceptance by position" in result.stdout
