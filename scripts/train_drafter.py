@@ -1,0 +1,691 @@
+"""Train the MTP drafter of the embedded pair (Gemma 3 270M) from the target's own outputs.
+
+Nothing is downloaded: the data are the target's continuations of templated seed prompts
+(prose, lists, Q&A, JSON, tables, stories, code, chat turns). Three stages:
+
+    python scripts/train_drafter.py data  --out /tmp/drafter-data --batches 12   # ~15 min
+    python scripts/train_drafter.py train --data /tmp/drafter-data --minutes 30 \
+        --out mlx_mtp/assets/gemma-3-270m-drafter
+    python scripts/train_drafter.py eval  --drafter mlx_mtp/assets/gemma-3-270m-drafter
+
+`data` samples B rows per batch (half greedy, half at temperature 0.8, EOS banned) and records
+per position the token, the target's post-norm hidden state, its greedy argmax (the token
+greedy verification accepts) and the KV of its last sliding and last full layer.
+
+`train` builds the drafter (model_type gemma4_assistant, shares_target_embedding): two
+query-only layers [sliding, full] initialised from the target's last sliding and last full
+layer, a clustered head whose equal-size clusters come from recursive median splits of the
+target's embedding rows. Loss: a 3-step rollout with the drafter's own carry at a constant
+query position (exactly as MTPProposer runs it), cross-entropy over a candidate set (the most
+frequent greedy tokens plus the batch's labels), plus a cross-entropy on the centroid logits
+toward the label's cluster. Step k > 1 is trained only where the data's token equals the
+target's greedy token (the condition under which its draft is verified).
+
+`eval` measures first-draft acceptance of the drafter alone and of the hybrid proposer with
+greedy decoding on held-out prompts (EVAL_PROMPTS, never used for training), and checks the
+output equals plain mlx-lm greedy decoding.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import mlx_mtp  # noqa: F401  (before mlx: preloads MKL on Linux)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_mtp.batch import BatchCache
+from mlx_mtp.embedded import GEMMA_NOTICE, ensure_target
+from mlx_mtp.loading import load_pair
+from mlx_mtp.target import SLIDING
+
+EOS_IDS = (1, 106)
+
+# ---------------------------------------------------------------------------------------
+# Seed prompts (training) and held-out prompts (evaluation only)
+
+TOPICS = [
+    "the ocean", "volcanoes", "the Roman Empire", "photosynthesis", "electric cars", "coffee",
+    "the moon landing", "honey bees", "the internet", "jazz music", "mountain climbing",
+    "the human heart", "chess", "rainforests", "ancient Egypt", "solar panels", "bread baking",
+    "the stock market", "whales", "the printing press", "glaciers", "vaccines", "trains",
+    "the Renaissance", "black holes", "gardening", "the French Revolution", "robots",
+    "earthquakes", "the Olympic Games", "penguins", "democracy", "music theory", "deserts",
+    "quantum physics", "football", "cooking pasta", "the water cycle", "birds migration",
+    "the Great Wall of China", "machine learning", "bicycles", "friendship", "the brain",
+]
+NAMES = ["Alice", "Bob", "Maria", "Kenji", "Fatima", "Lucas", "Priya", "Tom", "Elena", "Omar"]
+PLACES = ["Paris", "Tokyo", "a small village", "the forest", "Mars", "a lighthouse", "Cairo",
+          "a busy market", "the library", "an old castle", "New York", "a submarine"]
+THINGS = ["apples", "books", "cities", "planets", "tools", "animals", "countries", "colors",
+          "programming languages", "instruments", "rivers", "inventions", "sports", "fruits"]
+CODE_TASKS = [
+    "reverses a string", "computes the factorial of n", "checks if a number is prime",
+    "sorts a list with bubble sort", "reads a file and counts its lines", "merges two dicts",
+    "finds the maximum of a list", "computes fibonacci numbers", "parses a CSV line",
+    "removes duplicates from a list", "counts words in a text", "converts celsius to fahrenheit",
+    "implements binary search", "flattens a nested list", "validates an email address",
+]
+LANGS = ["Python", "JavaScript", "C", "Rust", "Go", "Java", "Bash"]
+
+TEMPLATES = [
+    "{Topic} is",
+    "Here is a short essay about {topic}.\n\n",
+    "Write a paragraph about {topic}.\n\n",
+    "Once upon a time, in {place}, there lived",
+    "{name} walked into {place} and",
+    "Chapter 1\n\nThe morning {name} arrived in {place},",
+    "Here is a list of {things}:\n1.",
+    "Top 10 facts about {topic}:\n\n1.",
+    "- {Things}\n-",
+    "Q: What is {topic}?\nA:",
+    "Question: Why is {topic} important?\nAnswer:",
+    "Q: Who was the first person to study {topic}?\nA:",
+    "FAQ about {topic}\n\nQ:",
+    '{{"name": "{name}", "city": "{place}", "interests": [',
+    'Here is a JSON object describing {topic}:\n{{\n  "title":',
+    '[{{"id": 1, "item": "{thing}", "price":',
+    "| Name | Age | City |\n|------|-----|------|\n| {name} |",
+    "| {Thing} | Description |\n|---|---|\n|",
+    "```{lang}\n// A function that {task}\n",
+    "def solve():\n    # {task}\n",
+    "Write a {lang} function that {task}.\n\n```{lang_lower}\n",
+    "import numpy as np\n\n\ndef",
+    "class {Thing_singular}:\n    def __init__(self",
+    "<start_of_turn>user\nTell me about {topic}.<end_of_turn>\n<start_of_turn>model\n",
+    "<start_of_turn>user\nCan you explain {topic} simply?<end_of_turn>\n<start_of_turn>model\n",
+    "<start_of_turn>user\nWrite a short poem about {topic}.<end_of_turn>\n<start_of_turn>model\n",
+    "<start_of_turn>user\nGive me three tips for {topic}.<end_of_turn>\n<start_of_turn>model\n",
+    "User: Hi! What do you know about {topic}?\nAssistant:",
+    "{name}: Have you ever been to {place}?\n{name2}:",
+    "Dear {name},\n\nI am writing to you about",
+    "Recipe: {thing} salad\n\nIngredients:\n-",
+    "The history of {topic} begins",
+    "In this article, we will discuss {topic}. First,",
+    "Step 1:",
+    "Abstract. We study {topic} and",
+    "Breaking news: {place} reports",
+    "1 + 1 = 2\n2 + 2 = 4\n3 + 3 =",
+    "Solve: {a} + {b} = ",
+    "The year was {year}. {name}",
+    "<html>\n<head>\n<title>{Topic}</title>\n",
+    "SELECT name, age FROM users WHERE",
+    "Translate to French: {topic}\nFrench:",
+]
+
+EVAL_PROMPTS = [  # held out: no template above produces these
+    "The capital of France is",
+    "Explain how a refrigerator keeps food cold.",
+    "Here are five reasons to learn a second language:\n1.",
+    "def quicksort(arr):\n",
+    '{"user": {"id": 42, "name": "Ada Lovelace", "skills": [',
+    "<start_of_turn>user\nWhat is the difference between weather and climate?<end_of_turn>\n<start_of_turn>model\n",
+    "A train leaves the station at 3 pm travelling at 60 km/h. How far has it gone by 5 pm?",
+    "The old lighthouse keeper looked out at the storm and",
+    "| Planet | Moons |\n|---|---|\n| Earth | 1 |\n",
+    "Summary of the meeting:\n-",
+    "The main causes of the First World War were",
+    "for (int i = 0; i < n; i++) {\n",
+]
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    topic, thing, lang = rng.choice(TOPICS), rng.choice(THINGS), rng.choice(LANGS)
+    name, name2 = rng.sample(NAMES, 2)
+    return template.format(
+        topic=topic, Topic=topic[0].upper() + topic[1:], place=rng.choice(PLACES), name=name,
+        name2=name2, things=thing, Things=thing.capitalize(), thing=thing, Thing=thing.capitalize(),
+        Thing_singular=thing.capitalize().rstrip("s"), task=rng.choice(CODE_TASKS), lang=lang,
+        lang_lower=lang.lower(), a=rng.randint(1, 999), b=rng.randint(1, 999),
+        year=rng.randint(1500, 2100),
+    )
+
+
+def seed_prompts(n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    out = set()
+    while len(out) < n:
+        out.add(_fill(rng.choice(TEMPLATES), rng))
+    out = sorted(out)
+    rng.shuffle(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 1: data from the target itself
+
+
+def generate_batch(target, tokenizer, prompts, steps, temperature, greedy_rows):
+    """Sample `steps` tokens for each prompt; returns one dict of arrays per row."""
+    B = len(prompts)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    kinds = target.layer_types[: target.num_cached_layers]
+    caches = [BatchCache(B, target.sliding_window if k == SLIDING else None) for k in kinds]
+    lengths = [len(p) for p in encoded]
+    longest = max(lengths)
+    padded = mx.array([p + [0] * (longest - len(p)) for p in encoded])
+    hidden = target.hidden(padded, caches)
+    for c in caches:
+        c.trim_rows([longest - n for n in lengths])
+    last = hidden[mx.arange(B), mx.array(lengths) - 1][:, None]  # [B, 1, H]
+    is_greedy = mx.array([i < greedy_rows for i in range(B)])
+    ban = mx.zeros((target.vocab_size,)).at[mx.array(EOS_IDS)].add(-1e9)
+    hs, gs, xs = [], [], []
+    for step in range(steps + 1):
+        logits = target.logits(last)[:, 0].astype(mx.float32)
+        greedy = mx.argmax(logits, axis=-1)
+        sampled = mx.random.categorical((logits + ban) / temperature)
+        banned_greedy = mx.argmax(logits + ban, axis=-1)
+        token = mx.where(is_greedy, banned_greedy, sampled)
+        hs.append(last[:, 0].astype(mx.float16))
+        gs.append(greedy)
+        xs.append(token)
+        if step == steps:
+            break
+        last = target.hidden(token[:, None], caches)
+        mx.eval(last, hs[-1], gs[-1], xs[-1])
+    H = np.array(mx.stack(hs, axis=1))  # [B, steps+1, H]: hidden at positions P-1 .. P+steps-1
+    G = np.array(mx.stack(gs, axis=1))  # greedy at the same positions
+    X = np.array(mx.stack(xs, axis=1))  # tokens at positions P .. P+steps
+    sl, fl = target.shared_layer[SLIDING], target.shared_layer["full_attention"]
+    rows = []
+    for i in range(B):
+        n = lengths[i] + steps  # positions fed to the target: 0 .. n-1
+        kv = [np.array(caches[j].keys[i, 0, :n].astype(mx.float16)) for j in (sl, fl)]
+        kv += [np.array(caches[j].values[i, 0, :n].astype(mx.float16)) for j in (sl, fl)]
+        rows.append(
+            dict(
+                tokens=np.array(encoded[i] + X[i, :steps].tolist(), np.int32),  # positions 0..n-1
+                prompt_len=lengths[i],
+                hidden=H[i, :steps],  # hidden at positions P-1 .. n-2
+                greedy=G[i, :steps + 1].astype(np.int32),  # greedy at positions P-1 .. n-1
+                ks=kv[0], kf=kv[1], vs=kv[2], vf=kv[3],
+            )
+        )
+    return rows
+
+
+def stage_data(args):
+    target, _, tokenizer, _ = load_pair(str(ensure_target()), None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = seed_prompts(args.batches * args.batch_size, args.seed)
+    mx.random.seed(args.seed)
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    t0 = time.perf_counter()
+    for b in range(args.batches):
+        path = out / f"batch_{b:03d}.npz"
+        if path.exists():
+            continue
+        tic = time.perf_counter()
+        rows = generate_batch(
+            target, tokenizer, prompts[b * args.batch_size : (b + 1) * args.batch_size],
+            args.steps, args.temperature, args.batch_size // 2,
+        )
+        flat = {}
+        for i, r in enumerate(rows):
+            for k, v in r.items():
+                flat[f"{i}_{k}"] = np.asarray(v)
+        np.savez(path, **flat)
+        n = len(rows) * args.steps
+        print(f"batch {b}: {n} positions in {time.perf_counter() - tic:.0f}s "
+              f"({n / (time.perf_counter() - tic):.0f}/s), total {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 2: the drafter, its clustered head, and training
+
+DRAFTER_LAYERS = (SLIDING, "full_attention")  # read the target's last sliding / full KV
+
+
+def drafter_config(target, intermediate: int) -> dict:
+    a = target.args
+    return {
+        "model_type": "gemma4_assistant",
+        "architectures": ["Gemma4AssistantForCausalLM"],
+        "backbone_hidden_size": target.hidden_size,
+        "use_ordered_embeddings": True,
+        "num_centroids": 2048,
+        "centroid_intermediate_top_k": 32,
+        "tie_word_embeddings": True,
+        "shares_target_embedding": True,
+        "text_config": {
+            "model_type": "gemma4_text",
+            "hidden_size": target.hidden_size,
+            "num_hidden_layers": len(DRAFTER_LAYERS),
+            "layer_types": list(DRAFTER_LAYERS),
+            "intermediate_size": intermediate,
+            "use_double_wide_mlp": False,
+            "num_attention_heads": a.num_attention_heads,
+            "num_key_value_heads": a.num_key_value_heads,
+            "head_dim": a.head_dim,
+            "global_head_dim": a.head_dim,
+            "num_kv_shared_layers": len(DRAFTER_LAYERS),
+            "rms_norm_eps": a.rms_norm_eps,
+            "sliding_window": a.sliding_window,
+            "max_position_embeddings": a.max_position_embeddings,
+            "vocab_size": target.vocab_size,
+            "vocab_size_per_layer_input": 0,
+            "hidden_size_per_layer_input": 0,
+            "final_logit_softcapping": None,
+            "attention_k_eq_v": False,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                SLIDING: {"rope_type": "default", "rope_theta": a.rope_local_base_freq},
+                "full_attention": {"rope_type": "default", "rope_theta": a.rope_theta},
+            },
+        },
+    }
+
+
+def build_drafter(config: dict):
+    from mlx_mtp.drafter import Drafter, ModelArgs
+    from mlx_mtp.loading import normalize_gemma4_text
+
+    config = dict(config, text_config=normalize_gemma4_text(config["text_config"]))
+    return Drafter(ModelArgs.from_dict(config))
+
+
+def balanced_clusters(embedding: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
+    """Equal-size clusters by recursive median splits along each group's principal direction
+    (of the L2-normalised rows). Returns token_ordering: cluster c is rows c*V/N .. (c+1)*V/N."""
+    rng = np.random.default_rng(seed)
+    x = embedding / (np.linalg.norm(embedding, axis=1, keepdims=True) + 1e-6)
+    groups = [np.arange(len(x))]
+    while len(groups) < num_clusters:
+        split = []
+        for g in groups:
+            xg = x[g] - x[g].mean(0)
+            v = rng.standard_normal(x.shape[1]).astype(np.float32)
+            for _ in range(8):  # power iteration for the top principal direction
+                v = xg.T @ (xg @ v)
+                v /= np.linalg.norm(v) + 1e-12
+            order = np.argsort(xg @ v, kind="stable")
+            half = len(g) // 2
+            split += [g[order[:half]], g[order[half:]]]
+        groups = split
+    return np.concatenate(groups).astype(np.int32)
+
+
+def init_from_target(drafter, target, intermediate: int):
+    """Drafter layers from the target's last sliding / full layer (gemma3 norms are 1 + w;
+    gemma3 scales queries by query_pre_attn_scalar**-0.5, the drafter by 1: fold it into q_norm)."""
+    weights = []
+    scale = target.args.query_pre_attn_scalar ** -0.5
+    for d, kind in enumerate(DRAFTER_LAYERS):
+        t = target.decoder.layers[target.shared_layer[kind]]
+        pre = f"model.layers.{d}."
+        weights += [
+            (pre + "self_attn.q_proj.weight", t.self_attn.q_proj.weight),
+            (pre + "self_attn.o_proj.weight", t.self_attn.o_proj.weight),
+            (pre + "self_attn.q_norm.weight", (1 + t.self_attn.q_norm.weight) * scale),
+        ]
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            weights.append((pre + norm + ".weight", 1 + getattr(t, norm).weight))
+        gate, up, down = t.mlp.gate_proj.weight, t.mlp.up_proj.weight, t.mlp.down_proj.weight
+        importance = mx.linalg.norm(gate, axis=1) * mx.linalg.norm(up, axis=1) * mx.linalg.norm(down, axis=0)
+        keep = mx.sort(mx.argsort(-importance)[:intermediate])
+        weights += [
+            (pre + "mlp.gate_proj.weight", gate[keep]),
+            (pre + "mlp.up_proj.weight", up[keep]),
+            (pre + "mlp.down_proj.weight", down[:, keep]),
+        ]
+    H = target.hidden_size
+    eye = mx.eye(H)
+    weights += [
+        ("model.norm.weight", 1 + target.decoder.norm.weight),
+        ("pre_projection.weight", mx.concatenate([eye, eye], axis=1)),
+        ("post_projection.weight", eye),
+    ]
+    drafter.load_weights(weights, strict=False)
+
+
+def load_data(path: Path):
+    seqs = []
+    for f in sorted(path.glob("batch_*.npz")):
+        d = np.load(f)
+        rows = sorted({int(k.split("_")[0]) for k in d.files})
+        for i in rows:
+            seqs.append({k: d[f"{i}_{k}"] for k in ("tokens", "prompt_len", "hidden", "greedy", "ks", "kf", "vs", "vf")})
+    return seqs
+
+
+class Batches:
+    """Fixed-shape batches of S whole sequences: every generated position is a round start."""
+
+    def __init__(self, seqs, S: int, K: int):
+        self.seqs, self.S, self.K = seqs, S, K
+        self.L = len(seqs[0]["hidden"])
+        self.N = max(len(s["tokens"]) for s in seqs)
+
+    def make(self, idx):
+        S, L, K, N = len(idx), self.L, self.K, self.N
+        tok = np.zeros((S, L + K - 1), np.int32)
+        lab = np.zeros((S, L + K - 1), np.int32)
+        match = np.zeros((S, L + K - 1), bool)  # data token at p+1 == target greedy at p
+        carry = np.zeros((S, L, 640), np.float16)
+        kv = {k: np.zeros((S, 1, N, 256), np.float16) for k in ("ks", "kf", "vs", "vf")}
+        offset = np.zeros((S,), np.int32)
+        for r, i in enumerate(idx):
+            s = self.seqs[i]
+            P, n = int(s["prompt_len"]), len(s["tokens"])
+            x, g = s["tokens"][P:], s["greedy"][1:]  # positions P .. n-1
+            tok[r, :L] = x
+            lab[r, :L] = g
+            match[r, : L - 1] = x[1:] == g[:-1]
+            carry[r] = s["hidden"]
+            for k in kv:
+                kv[k][r, 0, :n] = s[k]
+            offset[r] = P
+        valid = np.zeros((K, S, L), bool)
+        valid[0] = True
+        for k in range(1, K):
+            valid[k] = valid[k - 1] & match[:, k - 1 : k - 1 + L]
+        kv = {k: mx.array(v).astype(mx.float32) for k, v in kv.items()}
+        shared = {SLIDING: (kv["ks"], kv["vs"]), "full_attention": (kv["kf"], kv["vf"])}
+        return dict(
+            tok=mx.array(tok), lab=mx.array(lab), valid=mx.array(valid), carry=mx.array(carry).astype(mx.float32),
+            shared=shared, offset=mx.array(offset),
+        )
+
+
+def masks_for(offset, L: int, N: int, window: int) -> dict:
+    """As Drafter.masks for L consecutive queries per row: keys strictly before the query,
+    sliding layers the last W + 1 of them."""
+    from mlx_mtp.drafter import DRAFTER_SLIDING_EXTRA
+
+    q = offset[:, None, None, None] + mx.arange(L)[None, None, :, None]  # [S, 1, L, 1]
+    k = mx.arange(N)[None, None, None, :]
+    visible = k < q
+    return {SLIDING: visible & (k >= q - (window + DRAFTER_SLIDING_EXTRA)), "full_attention": visible}
+
+
+def rollout(drafter, target, batch, K: int):
+    """K drafter steps for every round start of the batch: constant query position, own carry,
+    step k's input token the data's token at p + k (= the accepted draft where it is valid)."""
+    L = batch["carry"].shape[1]
+    N = batch["shared"][SLIDING][0].shape[2]
+    masks = masks_for(batch["offset"], L, N, drafter.text_args.sliding_window)
+    carry, hs = batch["carry"], []
+    for k in range(K):
+        emb = mx.stop_gradient(target.embed(batch["tok"][:, k : k + L]))
+        x = drafter.pre_projection(mx.concatenate([emb, carry], axis=-1))
+        for layer, kind in zip(drafter.model.layers, drafter.layer_types):
+            x, _, _ = layer(x, masks[kind], None, shared_kv=batch["shared"][kind], offset=batch["offset"])
+        h = drafter.model.norm(x)
+        hs.append(h)
+        carry = drafter.post_projection(h)
+    return hs
+
+
+def make_loss(target, cluster_of, frequent, K, weights, negatives):
+    E = target.decoder.embed_tokens.weight
+    E_freq = E[frequent]  # [F, H]
+
+    def loss_fn(drafter, batch):
+        hs = rollout(drafter, target, batch, K)
+        total, stats = 0.0, []
+        for k in range(K):
+            L = hs[k].shape[1]
+            h = hs[k].reshape(-1, hs[k].shape[-1])  # [M, H]
+            y = batch["lab"][:, k : k + L].reshape(-1)
+            valid = batch["valid"][k].reshape(-1).astype(mx.float32)
+            pos = (h * E[y]).sum(-1)  # [M]
+            neg_f = h @ E_freq.T  # [M, F]
+            neg_f = mx.where(frequent[None] == y[:, None], -1e9, neg_f)
+            ny = y[:negatives]  # in-batch labels as more negatives
+            neg_b = mx.where(ny[None] == y[:, None], -1e9, h @ E[ny].T)
+            lse = mx.logsumexp(mx.concatenate([pos[:, None], neg_f, neg_b], axis=1), axis=1)
+            ce = ((lse - pos) * valid).sum() / mx.maximum(valid.sum(), 1)
+            cl = drafter.masked_embedding.centroids(mx.stop_gradient(h))  # [M, C]
+            c = cluster_of[y]
+            cce = ((mx.logsumexp(cl, axis=1) - mx.take_along_axis(cl, c[:, None], axis=1)[:, 0]) * valid).sum() / mx.maximum(valid.sum(), 1)
+            total = total + weights[k] * (ce + cce)
+            stats += [ce, cce]
+        return total, mx.stack(stats)
+
+    return loss_fn
+
+
+def head_metrics(drafter, target, batch, K, cluster_of, top_k, rows=768):
+    """Teacher-forced: share of round starts whose step-k draft (real clustered head) is the
+    target's greedy token, and share whose greedy token is in the candidate set."""
+    hs = rollout(drafter, target, batch, K)
+    out = []
+    for k in range(K):
+        L = hs[k].shape[1]
+        h = hs[k].reshape(-1, hs[k].shape[-1])[:rows]
+        y = batch["lab"][:, k : k + L].reshape(-1)[:rows]
+        valid = np.array(batch["valid"][k].reshape(-1)[:rows])
+        hits, covered = [], []
+        for s in range(0, h.shape[0], 32):
+            cand = drafter.head(h[s : s + 32])
+            best = mx.take_along_axis(cand.ids, mx.argmax(cand.logits, axis=1)[:, None], axis=1)[:, 0]
+            hits.append(best == y[s : s + 32])
+            covered.append((cand.ids == y[s : s + 32, None]).any(axis=1))
+        hits, covered = np.array(mx.concatenate(hits)), np.array(mx.concatenate(covered))
+        out.append((hits[valid].mean(), covered[valid].mean(), int(valid.sum())))
+    return out
+
+
+def save_drafter(drafter, config: dict, out: Path, meta: dict):
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for k, v in tree_flatten(drafter.parameters()):
+        weights[k] = v if v.dtype == mx.int32 else v.astype(mx.bfloat16)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "NOTICE").write_text(
+        GEMMA_NOTICE
+        + "\nThis drafter is a Model Derivative of Gemma 3 270M: it was trained by mlx-mtp "
+        "(scripts/train_drafter.py) on the outputs of Gemma 3 270M, its layers initialised from "
+        "Gemma 3 270M's last sliding and full layers, and it uses Gemma 3 270M's token embedding at "
+        "run time. Use of this drafter is subject to the Gemma Terms of Use "
+        "(ai.google.dev/gemma/terms) and the Gemma Prohibited Use Policy "
+        "(ai.google.dev/gemma/prohibited_use_policy).\n"
+    )
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def stage_train(args):
+    t_start = time.perf_counter()
+    mx.random.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    target, _, _, _ = load_pair(str(ensure_target()), None)
+    target.model.freeze()
+    seqs = load_data(Path(args.data))
+    rng.shuffle(seqs)
+    val, train = seqs[: args.val_seqs], seqs[args.val_seqs :]
+    positions = sum(len(s["hidden"]) for s in train)
+    print(f"data: {len(train)} train sequences ({positions} round starts), {len(val)} validation", flush=True)
+
+    config = drafter_config(target, args.intermediate)
+    drafter = build_drafter(config)
+    lend = lambda: drafter.lend_embedding(target.decoder.embed_tokens)  # noqa: E731
+    lend()
+    init_from_target(drafter, target, args.intermediate)
+
+    tic = time.perf_counter()
+    E = np.array(target.decoder.embed_tokens.weight)
+    cached = Path(args.data) / f"clusters-seed{args.seed}.npy"  # deterministic: reuse across runs
+    if cached.exists():
+        ordering = np.load(cached)
+    else:
+        ordering = balanced_clusters(E, 2048, args.seed)
+        np.save(cached, ordering)
+    assert sorted(ordering.tolist()) == list(range(len(E)))
+    clusters = ordering.reshape(2048, -1)
+    drafter.masked_embedding.token_ordering = mx.array(ordering)
+    drafter.masked_embedding.centroids.weight = mx.array(E[clusters].mean(1) * 4.0)
+    cluster_of = np.zeros(len(E), np.int32)
+    cluster_of[ordering] = np.arange(len(E)) // clusters.shape[1]
+    cluster_of = mx.array(cluster_of)
+    del E
+    t_cluster = time.perf_counter() - tic
+    print(f"clusters: {t_cluster:.0f}s", flush=True)
+
+    counts = np.bincount(np.concatenate([s["greedy"] for s in train]), minlength=target.vocab_size)
+    frequent = mx.array(np.argsort(-counts)[: args.frequent].astype(np.int32))
+    print(f"top-{args.frequent} greedy tokens cover {np.sort(counts)[::-1][: args.frequent].sum() / counts.sum():.3f} of labels")
+
+    drafter.masked_embedding.freeze(keys=["token_ordering"])
+    for layer in drafter.model.layers:
+        layer.freeze(keys=["layer_scalar"], recurse=False)
+    K = args.rollout
+    weights = [1.0, 0.5, 0.25, 0.125][:K]
+    loss_fn = make_loss(target, cluster_of, frequent, K, weights, args.negatives)
+    batches = Batches(train, args.seqs_per_batch, K)
+    val_batch = Batches(val, len(val), K).make(list(range(len(val))))
+    budget = args.minutes * 60
+    schedule = lambda frac: args.lr * min(1.0, frac * 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))  # noqa: E731
+    opt = optim.AdamW(learning_rate=args.lr, weight_decay=0.0)
+    value_and_grad = nn.value_and_grad(drafter, loss_fn)
+
+    def report(step, seen):
+        drafter.eval()
+        m = head_metrics(drafter, target, val_batch, K, cluster_of, 32)
+        text = " ".join(f"step{k + 1} acc {a:.3f} cover {c:.3f} (n={n})" for k, (a, c, n) in enumerate(m))
+        print(f"[{time.perf_counter() - t_train:.0f}s] step {step} seen {seen}: val {text}", flush=True)
+        return m
+
+    t_train = time.perf_counter()
+    report(0, 0)
+    step, seen, curve = 0, 0, []
+    order = []
+    while time.perf_counter() - t_train < budget:
+        if len(order) < args.seqs_per_batch:
+            order += rng.permutation(len(train)).tolist()
+        idx, order = order[: args.seqs_per_batch], order[args.seqs_per_batch :]
+        batch = batches.make(idx)
+        opt.learning_rate = schedule((time.perf_counter() - t_train) / budget)
+        (loss, parts), grads = value_and_grad(drafter, batch)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(drafter, grads)
+        mx.eval(drafter.parameters(), opt.state, loss, parts)
+        step += 1
+        seen += len(idx) * batches.L
+        if step % 10 == 0:
+            p = parts.tolist()
+            curve.append({"step": step, "seconds": round(time.perf_counter() - t_train), "loss": round(loss.item(), 4),
+                          "ce": [round(x, 3) for x in p[0::2]], "centroid_ce": [round(x, 3) for x in p[1::2]]})
+            print(f"[{time.perf_counter() - t_train:.0f}s] step {step} loss {loss.item():.3f} ce {p[0::2]} cent {p[1::2]} "
+                  f"lr {opt.learning_rate.item():.2e}", flush=True)
+        if step % args.report_every == 0:
+            report(step, seen)
+            save_drafter(drafter, config, Path(args.out), {"partial": True, "step": step})
+    final = report(step, seen)
+    t_train = time.perf_counter() - t_train
+    meta = {
+        "command": " ".join(sys.argv),
+        "seed": args.seed,
+        "train_sequences": len(train),
+        "train_round_starts": positions,
+        "validation_sequences": len(val),
+        "steps": step,
+        "round_starts_seen": seen,
+        "train_seconds": round(t_train),
+        "cluster_seconds": round(t_cluster),
+        "validation_teacher_forced": [{"acceptance": float(a), "coverage": float(c), "n": n} for a, c, n in final],
+        "curve": curve,
+    }
+    save_drafter(drafter, config, Path(args.out), meta)
+    print(json.dumps({k: v for k, v in meta.items() if k != "curve"}, indent=1))
+
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 3: held-out acceptance and greedy equality
+
+
+def plain_greedy(pair, ids, max_tokens):
+    """mlx-lm's own greedy decoding of the target alone."""
+    from mlx_lm.generate import stream_generate
+
+    out = []
+    for r in stream_generate(pair.target.model, pair.tokenizer, mx.array(ids), max_tokens=max_tokens):
+        out.append(r.token)
+        if r.token in pair.eos_ids:
+            break
+    return out
+
+
+def stage_eval(args):
+    from mlx_mtp import generate
+    from mlx_mtp.generate import Stats, encode
+
+    tic = time.perf_counter()
+    pair = mlx_mtp.load(str(ensure_target()), args.drafter)
+    results = {}
+    hybrid = pair.proposer
+    for name, proposer in (("drafter", pair.mtp), ("hybrid", hybrid)):
+        pair.proposer = proposer
+        total = Stats()
+        identical = True
+        for prompt in EVAL_PROMPTS:
+            r = generate(pair, prompt, max_tokens=args.max_tokens, num_draft_tokens=args.draft_tokens)
+            total.drafts += r.stats.drafts
+            total.accepted += r.stats.accepted
+            total.sources += r.stats.sources
+            if args.check_plain and name == "drafter":
+                plain = plain_greedy(pair, encode(pair, prompt), args.max_tokens)
+                same = plain == r.tokens
+                identical &= same
+                if not same:
+                    print(f"MISMATCH on {prompt!r}:\n  mtp   {r.tokens}\n  plain {plain}")
+        results[name] = {
+            "per_position_acceptance": [round(x, 3) for x in total.per_position_acceptance],
+            "acceptance_rate": round(total.acceptance_rate, 3),
+            "mean_accepted_length": round(total.mean_accepted_length, 3),
+            "by_source": {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in total.by_source.items()},
+            "rounds": total.rounds,
+        }
+        if args.check_plain and name == "drafter":
+            results["identical_to_plain_mlx_lm"] = identical
+    results["prompts"] = len(EVAL_PROMPTS)
+    results["max_tokens"] = args.max_tokens
+    results["draft_tokens"] = args.draft_tokens
+    results["seconds"] = round(time.perf_counter() - tic)
+    print(json.dumps(results, indent=1))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="stage", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("--out", default="/tmp/drafter-data")
+    d.add_argument("--batches", type=int, default=12)
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--steps", type=int, default=192)
+    d.add_argument("--temperature", type=float, default=0.8)
+    d.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train")
+    t.add_argument("--data", default="/tmp/drafter-data")
+    t.add_argument("--out", default="mlx_mtp/assets/gemma-3-270m-drafter")
+    t.add_argument("--minutes", type=float, default=30)
+    t.add_argument("--intermediate", type=int, default=1536)
+    t.add_argument("--rollout", type=int, default=2)
+    t.add_argument("--seqs-per-batch", type=int, default=6)
+    t.add_argument("--val-seqs", type=int, default=32)
+    t.add_argument("--frequent", type=int, default=6144)
+    t.add_argument("--negatives", type=int, default=1024)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--report-every", type=int, default=50)
+    t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("eval")
+    e.add_argument("--drafter", default="mlx_mtp/assets/gemma-3-270m-drafter")
+    e.add_argument("--max-tokens", type=int, default=128)
+    e.add_argument("--draft-tokens", type=int, default=2)
+    e.add_argument("--no-check-plain", dest="check_plain", action="store_false")
+    e.add_argument("--json-out")
+    args = p.parse_args()
+    {"data": stage_data, "train": stage_train, "eval": stage_eval}[args.stage](args)
