@@ -31,12 +31,12 @@ def exact_probabilities(model, prompt, sequences, params):
     return [out[s] for s in sequences]
 
 
-def goodness_of_fit(samples, model, params) -> float:
+def goodness_of_fit(samples, model, params, prompt=PROMPT) -> float:
     """Chi-square p-value of the observed continuations against the target's own."""
     counts = Counter(tuple(s) for s in samples)
     n = len(samples)
     distinct = sorted(counts)
-    expected = dict(zip(distinct, exact_probabilities(model, PROMPT, distinct, params)))
+    expected = dict(zip(distinct, exact_probabilities(model, prompt, distinct, params)))
     chi, cells, pooled_obs, pooled_exp = 0.0, 0, n, n
     for s in distinct:
         e = expected[s] * n

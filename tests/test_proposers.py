@@ -1,0 +1,23 @@
+"""The n-gram lookup and the hybrid proposer's choice of source."""
+
+import mlx_mtp
+from conftest import load_pair, plain_greedy, prompt_of
+from mlx_mtp.proposers import ngram_lookup
+
+
+def test_lookup_copies_what_followed_the_longest_recurring_suffix():
+    history = [1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 4, 1, 2, 3]
+    # "1 2 3" recurs at the start (longer than "2 3", which recurs later): copy what followed it.
+    assert ngram_lookup(history, 3) == [9, 9, 5]
+    assert ngram_lookup([5, 6, 7, 8], 2) is None
+    # Near the end of the history the copy is padded with its last token.
+    assert ngram_lookup([4, 5, 6, 4, 5], 3) == [6, 4, 5]
+
+
+def test_hybrid_uses_lookup_where_the_output_repeats_and_stays_exact():
+    pair = load_pair("31b")
+    prompt = prompt_of(12, seed=3)  # the fixture target's greedy output repeats itself here
+    out = mlx_mtp.generate(pair, prompt, max_tokens=80, num_draft_tokens=3)
+    assert out.tokens == plain_greedy(pair.target.model, prompt, 80)
+    lookup = out.stats.by_source["ngram"]
+    assert lookup["accepted"] > 0 and lookup["acceptance"] > out.stats.by_source["mtp"]["acceptance"]
