@@ -17,7 +17,7 @@ from mlx_lm.models.cache import _BaseCache
 from .cache import MAX_DRAFT_TOKENS
 from .generate import GenerationResult, Pair, Stats, encode
 from .proposers import DraftContext
-from .round import PREFILL_STEP, _cut, _pick, report
+from .round import PREFILL_STEP, commit_length, pick_token, report
 from .sampling import Proposal, SamplingParams, accept_greedy, accept_sampled, log_probs
 from .target import SLIDING
 
@@ -142,7 +142,7 @@ def _prefill(pair: Pair, caches, prompts: List[List[int]], params: SamplingParam
     last = hidden[mx.arange(len(prompts)), mx.array(lengths) - 1][:, None]  # [B, 1, H]
     for c in caches:  # the padding lies past each row's position, hidden from now on
         c.trim_rows([longest - n for n in lengths])
-    tokens = _pick(pair.target.logits(last)[:, 0], params)
+    tokens = pick_token(pair.target.logits(last)[:, 0], params)
     mx.eval(tokens, last)
     return tokens.tolist(), last
 
@@ -258,7 +258,7 @@ def _batch_round(pair, caches, rows, history, generated, stats, carry, k, params
     sources = report(pair.proposer, proposal, accepted)
     for r, i in enumerate(rows):
         committed = out[r][: accepted[r] + 1]
-        cut = _cut(committed, remaining[r], pair.eos_ids)
+        cut = commit_length(committed, remaining[r], pair.eos_ids)
         cuts.append(cut)
         history[i] += committed[:cut]
         generated[i] += committed[:cut]

@@ -39,7 +39,7 @@ class RoundResult:
     source: str  # who proposed ("mtp", "ngram", or "none")
 
 
-def _cut(tokens: list, limit: int, stop_ids) -> int:
+def commit_length(tokens: list, limit: int, stop_ids) -> int:
     """How many of `tokens` to commit: at most `limit`, through the first stop id."""
     for i, t in enumerate(tokens[:limit]):
         if t in stop_ids:
@@ -47,7 +47,7 @@ def _cut(tokens: list, limit: int, stop_ids) -> int:
     return min(len(tokens), limit)
 
 
-def _pick(logits: mx.array, params: SamplingParams) -> mx.array:
+def pick_token(logits: mx.array, params: SamplingParams) -> mx.array:
     if params.greedy:
         return mx.argmax(logits, axis=-1)
     return mx.random.categorical(log_probs(logits, params))
@@ -62,7 +62,7 @@ def prefill(target: Target, seq: Sequence, prompt: list, params: SamplingParams)
         mx.eval([c.state for c in seq.cache])
         inputs = inputs[:, PREFILL_STEP:]
     hidden = target.hidden(inputs, seq.cache)[:, -1:]
-    token = _pick(target.logits(hidden)[:, 0], params)
+    token = pick_token(target.logits(hidden)[:, 0], params)
     mx.eval(token, hidden)
     seq.tokens += list(prompt) + [token.item()]
     seq.carry = hidden
@@ -98,7 +98,7 @@ def run_round(
 
     n = accepted.item()
     committed = out[0, : n + 1].tolist()
-    cut = _cut(committed, limit, stop_ids)
+    cut = commit_length(committed, limit, stop_ids)
     trim(seq.cache, k + 1 - cut)
     seq.carry = hidden[:, cut - 1 : cut]
     seq.tokens += committed[:cut]
