@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
 from .cache import MAX_DRAFT_TOKENS
-from .generate import GenerationResult, Pair, Stats, encode
+from .generate import GenerationResult, Pair, Stats, check_lengths, encode, start
 from .proposers import DraftContext
 from .round import PREFILL_STEP, commit_length, pick_token, report
 from .sampling import Proposal, SamplingParams, accept_greedy, accept_sampled, log_probs
@@ -158,13 +158,13 @@ def batch_generate(
     num_draft_tokens: Optional[int] = None,
     seed: Optional[int] = None,
 ) -> BatchResults:
-    """Generate for every prompt at once; row i's output is what `generate` gives alone."""
+    """Generate for every prompt at once; row i's output is what `generate` gives alone.
+
+    num_draft_tokens: K drafts every round, or None for the pair's default (the batched
+    path does not choose K per round).
+    """
     params = SamplingParams(temperature, top_p, top_k, min_p)
-    k = pair.default_draft_tokens if num_draft_tokens is None else num_draft_tokens
-    if not 0 <= k <= MAX_DRAFT_TOKENS:
-        raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k}")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    k = check_lengths(pair, max_tokens, num_draft_tokens)
     if not prompts:
         raise ValueError("no prompts given")
     encoded = [encode(pair, p) for p in prompts]
@@ -173,10 +173,7 @@ def batch_generate(
     context = pair.target.max_positions
     if context and max(len(p) for p in encoded) >= context:
         raise ValueError(f"a prompt needs more positions than the target's context ({context})")
-    if seed is not None:
-        mx.random.seed(seed)
-    if hasattr(pair.proposer, "reset"):
-        pair.proposer.reset()
+    start(pair, seed)
 
     batch = BatchStats()
     stats = [Stats(prompt_tokens=len(p)) for p in encoded]

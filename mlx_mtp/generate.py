@@ -195,6 +195,24 @@ def encode(pair: Pair, prompt: Union[str, List[int]], first: bool = True) -> Lis
     return tok.encode(prompt, add_special_tokens=special)
 
 
+def check_lengths(pair: Pair, max_tokens: int, num_draft_tokens: Optional[int]) -> int:
+    """The most drafts per round, after checking both lengths."""
+    k = pair.default_draft_tokens if num_draft_tokens is None else num_draft_tokens
+    if not 0 <= k <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    return k
+
+
+def start(pair: Pair, seed: Optional[int]):
+    """Seed the random stream and give the proposer a fresh start."""
+    if seed is not None:
+        mx.random.seed(seed)
+    if hasattr(pair.proposer, "reset"):
+        pair.proposer.reset()
+
+
 def stream_generate(
     pair: Pair,
     prompt: Union[str, List[int]],
@@ -214,11 +232,7 @@ def stream_generate(
     """
     params = SamplingParams(temperature, top_p, top_k, min_p)
     auto = num_draft_tokens is None  # choose K per round, up to the pair's default
-    k = pair.default_draft_tokens if auto else num_draft_tokens
-    if not 0 <= k <= MAX_DRAFT_TOKENS:
-        raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k}")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    k = check_lengths(pair, max_tokens, num_draft_tokens)
     seq = prompt_cache if prompt_cache is not None else make_prompt_cache(pair)
     tokens = encode(pair, prompt, first=not seq.tokens)
     if not tokens:
@@ -230,10 +244,7 @@ def stream_generate(
         )
     if context:
         max_tokens = min(max_tokens, context - len(seq.tokens) - len(tokens))
-    if seed is not None:
-        mx.random.seed(seed)
-    if hasattr(pair.proposer, "reset"):
-        pair.proposer.reset()
+    start(pair, seed)
 
     stats = Stats(prompt_tokens=len(tokens))
     detokenizer = pair.tokenizer.detokenizer if pair.tokenizer else None
