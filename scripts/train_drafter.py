@@ -3,7 +3,7 @@
 Nothing is downloaded: the data are the target's continuations of templated seed prompts
 (prose, lists, Q&A, JSON, tables, stories, code, chat turns). Three stages:
 
-    python scripts/train_drafter.py data  --out /tmp/drafter-data --batches 12   # ~15 min
+    python scripts/train_drafter.py data  --out /tmp/drafter-data --max-batches 4   # ~23 min
     python scripts/train_drafter.py train --data /tmp/drafter-data --minutes 30 \
         --out mlx_mtp/assets/gemma-3-270m-drafter
     python scripts/train_drafter.py eval  --drafter mlx_mtp/assets/gemma-3-270m-drafter
@@ -220,7 +220,7 @@ def stage_data(args):
     mx.random.seed(args.seed)
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
     t0 = time.perf_counter()
-    for b in range(args.batches):
+    for b in range(min(args.batches, args.max_batches or args.batches)):
         path = out / f"batch_{b:03d}.npz"
         if path.exists():
             continue
@@ -663,7 +663,8 @@ if __name__ == "__main__":
     sub = p.add_subparsers(dest="stage", required=True)
     d = sub.add_parser("data")
     d.add_argument("--out", default="/tmp/drafter-data")
-    d.add_argument("--batches", type=int, default=12)
+    d.add_argument("--batches", type=int, default=20, help="batches the seed prompts are drawn for")
+    d.add_argument("--max-batches", type=int, default=0, help="stop after this many (0: all)")
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--steps", type=int, default=192)
     d.add_argument("--temperature", type=float, default=0.8)
