@@ -18,7 +18,8 @@ from .cache import trim
 from .paths import cache_home
 
 WINDOW = 32  # recent rounds that inform the acceptance estimate
-PRIOR = (1.0, 1.0)  # Beta prior on each conditional acceptance: (accepted, rejected)
+PRIOR = (2.0, 2.0)  # Beta prior on each conditional acceptance: (accepted, rejected); a few
+# unlucky rounds at the start must not switch drafting off
 PROBE_EVERY = 8  # after this many plain rounds, draft once to refresh the estimate
 
 

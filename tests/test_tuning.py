@@ -27,7 +27,7 @@ def test_conditional_acceptance_from_rounds():
     drafts = [[1, 2, 3]] * 10
     accepted = [3] * 5 + [0] * 5  # position 1: 5 of 10; positions 2, 3: all that got there
     a = conditional_acceptance(drafts, accepted, 3)
-    assert abs(a[0] - 6 / 12) < 1e-9 and abs(a[1] - 6 / 7) < 1e-9 and abs(a[2] - 6 / 7) < 1e-9
+    assert abs(a[0] - 7 / 14) < 1e-9 and abs(a[1] - 7 / 9) < 1e-9 and abs(a[2] - 7 / 9) < 1e-9
 
 
 def test_plain_rounds_are_probed_now_and_then():
