@@ -17,8 +17,8 @@ from mlx_lm.models.cache import _BaseCache
 from .cache import MAX_DRAFT_TOKENS
 from .generate import GenerationResult, Pair, Stats, check_lengths, encode, start
 from .proposers import DraftContext
-from .round import PREFILL_STEP, commit_length, pick_token, report
-from .sampling import Proposal, SamplingParams, accept_greedy, accept_sampled, log_probs
+from .round import PREFILL_STEP, commit_length, draft_and_verify, pick_token, report
+from .sampling import SamplingParams
 from .target import SLIDING
 
 
@@ -230,25 +230,12 @@ def batch_generate(
 
 def _batch_round(pair, caches, rows, history, generated, stats, carry, k, params, remaining):
     """One round for the live rows; returns their next carry [B, 1, H]."""
-    target = pair.target
     B = len(rows)
     token = mx.array([history[i][-1] for i in rows])
     positions = mx.array([len(history[i]) - 1 for i in rows])
-    proposal = None
-    if k > 0 and pair.proposer is not None:
-        ctx = DraftContext(token, carry, positions, target.shared_kv(caches), [history[i] for i in rows])
-        proposal = pair.proposer.propose(ctx, k, params)
-    if proposal is None:
-        proposal = Proposal(mx.zeros((B, 0), mx.int32))
+    ctx = DraftContext(token, carry, positions, None, [history[i] for i in rows])
+    proposal, hidden, accepted, out = draft_and_verify(pair.target, pair.proposer, ctx, caches, k, params)
     k = proposal.k
-
-    hidden = target.hidden(mx.concatenate([token[:, None], proposal.tokens], axis=1), caches)
-    logits = target.logits(hidden)  # [B, K + 1, V]
-    if params.greedy:
-        accepted, out = accept_greedy(logits, proposal.tokens)
-    else:
-        accepted, out = accept_sampled(log_probs(logits, params), proposal)
-    mx.eval(accepted, out, proposal.tokens)  # the round's one host sync
 
     accepted, out, drafts = accepted.tolist(), out.tolist(), proposal.tokens.tolist()
     cuts = []

@@ -19,7 +19,7 @@ class DraftContext:
     token: mx.array  # [B] newest committed token (not yet in the target's cache)
     carry: mx.array  # [B, 1, H] target's post-norm hidden state that produced `token`
     position: object  # position of `token`: int, or [B] for rows at different positions
-    shared_kv: dict  # kind -> (keys, values, first position), views of the target cache
+    shared_kv: Optional[dict]  # kind -> (keys, values, first position), views of the target cache; set by the round
     history: list  # committed token ids per row (list of lists)
 
 

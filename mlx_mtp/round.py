@@ -79,22 +79,9 @@ def run_round(
     stop_ids=(),
 ) -> RoundResult:
     """One round committing between 1 and min(k + 1, limit) tokens."""
-    token = mx.array(seq.tokens[-1:])
-    proposal = None
-    if k > 0 and proposer is not None:
-        ctx = DraftContext(token, seq.carry, seq.cached, target.shared_kv(seq.cache), [seq.tokens])
-        proposal = proposer.propose(ctx, k, params)
-    if proposal is None:
-        proposal = Proposal(mx.zeros((1, 0), mx.int32))
+    ctx = DraftContext(mx.array(seq.tokens[-1:]), seq.carry, seq.cached, None, [seq.tokens])
+    proposal, hidden, accepted, out = draft_and_verify(target, proposer, ctx, seq.cache, k, params)
     k = proposal.k
-
-    hidden = target.hidden(mx.concatenate([token[:, None], proposal.tokens], axis=1), seq.cache)
-    logits = target.logits(hidden)  # [1, K + 1, V]
-    if params.greedy:
-        accepted, out = accept_greedy(logits, proposal.tokens)
-    else:
-        accepted, out = accept_sampled(log_probs(logits, params), proposal)
-    mx.eval(accepted, out, proposal.tokens)  # the round's one host sync
 
     n = accepted.item()
     committed = out[0, : n + 1].tolist()
@@ -104,6 +91,26 @@ def run_round(
     seq.tokens += committed[:cut]
     sources = report(proposer, proposal, [n])
     return RoundResult(committed[:cut], proposal.tokens[0].tolist(), n, sources[0])
+
+
+def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, k: int, params: SamplingParams):
+    """Propose up to k tokens per row (ctx.token [B]) and verify [token, drafts] in one
+    target forward. Returns the proposal, hidden [B, K + 1, H], the accepted count [B] and
+    the target's tokens [B, K + 1], evaluated: the round's one host sync."""
+    proposal = None
+    if k > 0 and proposer is not None:
+        ctx.shared_kv = target.shared_kv(cache)
+        proposal = proposer.propose(ctx, k, params)
+    if proposal is None:
+        proposal = Proposal(mx.zeros((ctx.token.shape[0], 0), mx.int32))
+    hidden = target.hidden(mx.concatenate([ctx.token[:, None], proposal.tokens], axis=1), cache)
+    logits = target.logits(hidden)  # [B, K + 1, V]
+    if params.greedy:
+        accepted, out = accept_greedy(logits, proposal.tokens)
+    else:
+        accepted, out = accept_sampled(log_probs(logits, params), proposal)
+    mx.eval(accepted, out, proposal.tokens)
+    return proposal, hidden, accepted, out
 
 
 def report(proposer, proposal: Proposal, accepted: list) -> list:
