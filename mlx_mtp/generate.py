@@ -276,7 +276,7 @@ def stream_generate(
         if finish:
             return
         limit = max_tokens - stats.generation_tokens
-        k_round = choose_k(costs, stats, k) if costs else k
+        k_round = choose_k(costs, stats, k, pair.proposer.next_source(seq.tokens)) if costs else k
         result = run_round(pair.target, pair.proposer, seq, min(k_round, limit - 1), params, limit, pair.eos_ids)
         stats.drafts.append(result.drafted)
         stats.accepted.append(result.accepted)

@@ -29,6 +29,9 @@ class Proposer(Protocol):
     def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Optional[Proposal]:
         """K tokens per row, or None when this proposer has nothing to offer."""
 
+    def next_source(self, history: List[int]) -> str:
+        """Who would propose after `history` (host-side: chosen before the round is built)."""
+
 
 def deterministic(tokens: mx.array) -> Proposal:
     """A proposal with q = 1 on each proposed token: [B, K] ids."""
@@ -44,6 +47,9 @@ class MTPProposer:
     def __init__(self, drafter: Drafter, target: Target):
         self.drafter = drafter
         self.target = target
+
+    def next_source(self, history: List[int]) -> str:
+        return self.name
 
     def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Proposal:
         kv = {kind: (keys, values) for kind, (keys, values, _) in ctx.shared_kv.items()}
@@ -85,6 +91,9 @@ class NGramProposer:
 
     name = "ngram"
 
+    def next_source(self, history: List[int]) -> str:
+        return self.name
+
     def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Optional[Proposal]:
         rows = [ngram_lookup(h, k) for h in ctx.history]
         if any(r is None for r in rows):
@@ -109,6 +118,11 @@ class HybridProposer:
 
     def acceptance(self, source: str) -> float:
         return self.accepted[source] / self.drafted[source]
+
+    def next_source(self, history: List[int]) -> str:
+        if self.acceptance("ngram") >= self.acceptance("mtp") and ngram_lookup(history, 1) is not None:
+            return "ngram"
+        return "mtp"
 
     def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Proposal:
         lookups = [ngram_lookup(h, k) for h in ctx.history]

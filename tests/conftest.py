@@ -48,6 +48,9 @@ class ContinuationProposer:
 
     name = "oracle"
 
+    def next_source(self, history):
+        return self.name
+
     def __init__(self, sequences, noise: float, seed: int = 0):
         self.sequences = [list(s) for s in sequences]
         self.noise = noise
@@ -85,6 +88,9 @@ class NoisyTargetProposer:
     close to p, so most drafts are accepted and most rejections land on likely tokens."""
 
     name = "noisy-target"
+
+    def next_source(self, history):
+        return self.name
 
     def __init__(self, model, noise: float, seed: int = 0):
         self.model = model

@@ -2,7 +2,7 @@
 
 import mlx_mtp
 from conftest import load_pair, plain_greedy, prompt_of
-from mlx_mtp.proposers import ngram_lookup
+from mlx_mtp.proposers import HybridProposer, ngram_lookup
 
 
 def test_lookup_copies_what_followed_the_longest_recurring_suffix():
@@ -21,3 +21,12 @@ def test_hybrid_uses_lookup_where_the_output_repeats_and_stays_exact():
     assert out.tokens == plain_greedy(pair.target.model, prompt, 80)
     lookup = out.stats.by_source["ngram"]
     assert lookup["accepted"] > 0 and lookup["acceptance"] > out.stats.by_source["mtp"]["acceptance"]
+
+
+def test_hybrid_names_the_next_source_before_the_round():
+    pair = load_pair("e2b")
+    hybrid = HybridProposer(pair.mtp)
+    assert hybrid.next_source([3, 4, 5, 3, 4]) == "ngram"  # "3 4" recurs
+    assert hybrid.next_source([3, 4, 5, 6, 7]) == "mtp"
+    hybrid.observe(["ngram"], 4, [0])  # the lookup's live acceptance falls below the drafter's
+    assert hybrid.next_source([3, 4, 5, 3, 4]) == "mtp"

@@ -32,7 +32,22 @@ def test_conditional_acceptance_from_rounds():
 
 def test_plain_rounds_are_probed_now_and_then():
     stats = Stats(drafts=[[]] * 8, accepted=[0] * 8, sources=["none"] * 8)
-    assert choose_k(CPU, stats, 4) == 1
+    assert choose_k(CPU, stats, 4, "mtp") == 1
+
+
+def test_each_source_gets_its_own_draft_length():
+    # The n-gram lookup is nearly always right here, the drafter nearly never: the lookup's
+    # rounds draft (and pay no drafter steps), the drafter's rounds do not.
+    rounds = 16
+    stats = Stats(
+        drafts=[[5, 6]] * rounds * 2,
+        accepted=[2, 0] * rounds,
+        sources=["ngram", "mtp"] * rounds,
+    )
+    assert choose_k(CPU, stats, 2, "ngram") == 2
+    assert choose_k(CPU, stats, 2, "mtp") == 0
+    pooled = Stats(drafts=stats.drafts, accepted=stats.accepted, sources=["mtp"] * rounds * 2)
+    assert choose_k(CPU, pooled, 2, "mtp") == 2  # one profile for both: drafter rounds draft too
 
 
 def test_auto_draft_length_stays_exact(with_proposer):
