@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -25,6 +25,7 @@ from mlx_lm.sample_utils import make_sampler
 from .batch import batch_generate
 from .chat import apply_template
 from .generate import Pair, Stats, encode, generate
+from .tuning import load_or_measure
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -179,6 +180,8 @@ def benchmark(
     first = {}  # one task per batch size and draft length: each compiles its own shapes
     for task in tasks:
         first.setdefault((task.setting.batch, task.setting.draft_tokens), task)
+    if any(task.setting.draft_tokens is None for task in tasks):
+        pair.costs = load_or_measure(pair, pair.default_draft_tokens, refresh=True)
     for task in first.values():
         run_baseline(pair, task, WARMUP_TOKENS, warm, seed)
         run_mtp(pair, task, WARMUP_TOKENS, warm, seed)
@@ -254,5 +257,6 @@ def report(pair: Pair, runs: List[Run], config: dict) -> dict:
         "runs": [r.to_dict() for r in runs],
         "model": pair.name,
         "config": config,
+        "costs": asdict(pair.costs) if pair.costs else None,  # what auto K chose from
         "machine": machine_info(),
     }

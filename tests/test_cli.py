@@ -445,6 +445,26 @@ def test_bench_writes_a_summary_per_setting_and_every_run(prompts_file, tmp_path
     assert report["machine"]["device"] and report["config"]["max_tokens"] == 6
 
 
+def test_bench_measures_costs_afresh_for_auto_draft_length(prompts_file, tmp_path, monkeypatch):
+    # A stale measurement (taken while the machine was busy) must not outlive a bench run.
+    monkeypatch.setenv("MLX_MTP_HOME", str(tmp_path))
+    stale = {"target": [1000.0] * 5, "draft_step": 1000.0}
+    (tmp_path / "costs.json").write_text(json.dumps({key: stale for key in costs_keys()}))
+    out = tmp_path / "bench.json"
+    result = run("bench", *PAIR, "--prompts", prompts_file, "-n", 4, "--repeats", 1, "--json-out", out)
+    assert result.exit_code == 0, result.output
+    costs = json.loads(out.read_text())["costs"]
+    assert len(costs["target"]) == 5 and max(costs["target"]) < 1000.0  # K up to the default, 4
+    assert costs in json.loads((tmp_path / "costs.json").read_text()).values()
+
+
+def costs_keys():
+    from mlx_mtp.tuning import shape_key
+
+    pair = mlx_mtp.load(str(TARGET), str(DRAFTER))
+    return [shape_key(pair, pair.default_draft_tokens)]
+
+
 def test_bench_fails_when_greedy_outputs_differ(prompts_file, monkeypatch):
     real = bench.run_mtp
 
