@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
 from .cache import MAX_DRAFT_TOKENS
-from .generate import GenerationResult, Pair, Stats, check_lengths, encode, start
+from .generate import GenerationResult, Pair, Stats, Throughput, check_lengths, encode, start
 from .proposers import DraftContext
 from .round import PREFILL_STEP, commit_length, draft_and_verify, pick_token, report
 from .sampling import SamplingParams
@@ -101,18 +101,11 @@ class BatchCache(_BaseCache):
 
 
 @dataclass
-class BatchStats:
+class BatchStats(Throughput):
     """The batch as a whole: committed tokens over wall time, and rounds run."""
 
-    generation_tokens: int = 0
-    generation_time: float = 0.0
-    prompt_time: float = 0.0
     rounds: int = 0
     live_rows: List[int] = field(default_factory=list)  # per round: rows in the forward
-
-    @property
-    def generation_tps(self) -> float:
-        return self.generation_tokens / self.generation_time if self.generation_time else 0.0
 
 
 class BatchResults(list):

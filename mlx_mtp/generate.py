@@ -47,13 +47,23 @@ class Pair:
 
 
 @dataclass
-class Stats:
+class Throughput:
+    """Committed tokens over wall time (of one generation, or of a whole batch)."""
+
+    generation_tokens: int = 0
+    generation_time: float = 0.0
+    prompt_time: float = 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_time if self.generation_time else 0.0
+
+
+@dataclass
+class Stats(Throughput):
     """Running statistics of one generation; the stream carries the same object."""
 
     prompt_tokens: int = 0
-    generation_tokens: int = 0
-    prompt_time: float = 0.0
-    generation_time: float = 0.0
     drafts: List[List[int]] = field(default_factory=list)  # per round: proposed ids
     accepted: List[int] = field(default_factory=list)  # per round: how many were accepted
     sources: List[str] = field(default_factory=list)  # per round: who proposed
@@ -108,10 +118,6 @@ class Stats:
     @property
     def prompt_tps(self) -> float:
         return self.prompt_tokens / self.prompt_time if self.prompt_time else 0.0
-
-    @property
-    def generation_tps(self) -> float:
-        return self.generation_tokens / self.generation_time if self.generation_time else 0.0
 
     @classmethod
     def pooled(cls, stats: List["Stats"]) -> "Stats":
