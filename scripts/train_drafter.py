@@ -22,7 +22,8 @@ toward the label's cluster. Step k > 1 is trained only where the data's token eq
 target's greedy token (the condition under which its draft is verified).
 
 `eval` measures first-draft acceptance of the drafter alone and of the hybrid proposer with
-greedy decoding on held-out prompts (EVAL_PROMPTS, never used for training), and checks the
+greedy decoding on held-out prompts (EVAL_PROMPTS as plain text, or with `--prompts bench`
+mlx-mtp bench's built-in prompts as a chat turn; neither is used for training), and checks the
 output equals plain mlx-lm greedy decoding.
 """
 
@@ -635,19 +636,25 @@ def stage_eval(args):
 
     tic = time.perf_counter()
     pair = mlx_mtp.load(str(ensure_target()), args.drafter)
+    if args.prompts == "bench":  # mlx-mtp bench's built-in prompts, as bench sends them
+        from mlx_mtp.bench import encode_prompt, load_prompts
+
+        prompts = [encode_prompt(pair, p) for kind in load_prompts().values() for p in kind]
+    else:
+        prompts = [encode(pair, p) for p in EVAL_PROMPTS]
     results = {}
     hybrid = pair.proposer
     for name, proposer in (("drafter", pair.mtp), ("hybrid", hybrid)):
         pair.proposer = proposer
         total = Stats()
         identical = True
-        for prompt in EVAL_PROMPTS:
+        for prompt in prompts:
             r = generate(pair, prompt, max_tokens=args.max_tokens, num_draft_tokens=args.draft_tokens)
             total.drafts += r.stats.drafts
             total.accepted += r.stats.accepted
             total.sources += r.stats.sources
             if args.check_plain and name == "drafter":
-                plain = plain_greedy(pair, encode(pair, prompt), args.max_tokens)
+                plain = plain_greedy(pair, prompt, args.max_tokens)
                 same = plain == r.tokens
                 identical &= same
                 if not same:
@@ -661,7 +668,7 @@ def stage_eval(args):
         }
         if args.check_plain and name == "drafter":
             results["identical_to_plain_mlx_lm"] = identical
-    results["prompts"] = len(EVAL_PROMPTS)
+    results["prompts"] = f"{len(prompts)} ({args.prompts})"
     results["max_tokens"] = args.max_tokens
     results["draft_tokens"] = args.draft_tokens
     results["seconds"] = round(time.perf_counter() - tic)
@@ -698,6 +705,8 @@ if __name__ == "__main__":
     e.add_argument("--drafter", default="mlx_mtp/assets/gemma-3-270m-drafter")
     e.add_argument("--max-tokens", type=int, default=128)
     e.add_argument("--draft-tokens", type=int, default=2)
+    e.add_argument("--prompts", choices=["held-out", "bench"], default="held-out",
+                   help="EVAL_PROMPTS as plain text, or mlx-mtp bench's built-in prompts as a chat turn")
     e.add_argument("--no-check-plain", dest="check_plain", action="store_false")
     e.add_argument("--json-out")
     args = p.parse_args()
