@@ -630,6 +630,32 @@ def plain_greedy(pair, ids, max_tokens):
     return out
 
 
+def first_drafts_everywhere(pair, proposers: dict, prompt, truth) -> dict:
+    """Every position of the greedy output `truth` as a round start (the target advancing one
+    token at a time): does each proposer's first draft equal the target's token there?"""
+    from mlx_mtp.generate import make_prompt_cache
+    from mlx_mtp.proposers import DraftContext
+    from mlx_mtp.round import prefill, report, run_round
+    from mlx_mtp.sampling import SamplingParams
+
+    params, seq = SamplingParams(), make_prompt_cache(pair)
+    for proposer in proposers.values():
+        if hasattr(proposer, "reset"):
+            proposer.reset()  # as every generation starts
+    prefill(pair.target, seq, prompt, params)
+    hits = {name: [] for name in proposers}
+    for t in range(1, len(truth)):  # seq.tokens[-1] is truth[t - 1]; the first draft guesses truth[t]
+        kv = pair.target.shared_kv(seq.cache)
+        ctx = DraftContext(mx.array(seq.tokens[-1:]), seq.carry, seq.cached, kv, [seq.tokens])
+        for name, proposer in proposers.items():
+            proposal = proposer.propose(ctx, 1, params)
+            hit = proposal is not None and proposal.tokens[0, 0].item() == truth[t]
+            report(proposer, proposal, [int(hit)])  # the hybrid's live per-source acceptance
+            hits[name].append(hit)
+        run_round(pair.target, None, seq, 0, params, len(truth))
+    return hits
+
+
 def stage_eval(args):
     from mlx_mtp import generate
     from mlx_mtp.generate import Stats, encode
@@ -642,32 +668,37 @@ def stage_eval(args):
         prompts = [encode_prompt(pair, p) for kind in load_prompts().values() for p in kind]
     else:
         prompts = [encode(pair, p) for p in EVAL_PROMPTS]
-    results = {}
-    hybrid = pair.proposer
-    for name, proposer in (("drafter", pair.mtp), ("hybrid", hybrid)):
+    proposers = {"drafter": pair.mtp, "hybrid": pair.proposer}
+    results = {name: {} for name in proposers}
+    identical, outputs = True, []
+    for name, proposer in proposers.items():  # live decoding at a fixed K
         pair.proposer = proposer
         total = Stats()
-        identical = True
         for prompt in prompts:
             r = generate(pair, prompt, max_tokens=args.max_tokens, num_draft_tokens=args.draft_tokens)
-            total.drafts += r.stats.drafts
-            total.accepted += r.stats.accepted
-            total.sources += r.stats.sources
-            if args.check_plain and name == "drafter":
-                plain = plain_greedy(pair, prompt, args.max_tokens)
-                same = plain == r.tokens
-                identical &= same
-                if not same:
-                    print(f"MISMATCH on {prompt!r}:\n  mtp   {r.tokens}\n  plain {plain}")
-        results[name] = {
+            total = Stats.pooled([total, r.stats])
+            if name == "drafter":
+                outputs.append(r.tokens)
+                if args.check_plain and plain_greedy(pair, prompt, args.max_tokens) != r.tokens:
+                    identical = False
+                    print(f"MISMATCH on {prompt!r}")
+        results[name]["live_rounds"] = {
             "per_position_acceptance": [round(x, 3) for x in total.per_position_acceptance],
             "acceptance_rate": round(total.acceptance_rate, 3),
             "mean_accepted_length": round(total.mean_accepted_length, 3),
             "by_source": {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in total.by_source.items()},
             "rounds": total.rounds,
         }
-        if args.check_plain and name == "drafter":
-            results["identical_to_plain_mlx_lm"] = identical
+    pair.proposer = proposers["hybrid"]
+    hits = {name: [] for name in proposers}
+    for prompt, truth in zip(prompts, outputs):
+        for name, h in first_drafts_everywhere(pair, proposers, prompt, truth).items():
+            hits[name] += h
+    for name in proposers:
+        results[name]["first_draft_every_position"] = round(sum(hits[name]) / len(hits[name]), 3)
+    results["positions"] = len(hits["drafter"])
+    if args.check_plain:
+        results["identical_to_plain_mlx_lm"] = identical
     results["prompts"] = f"{len(prompts)} ({args.prompts})"
     results["max_tokens"] = args.max_tokens
     results["draft_tokens"] = args.draft_tokens
