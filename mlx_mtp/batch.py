@@ -232,7 +232,7 @@ def _batch_round(pair, caches, rows, history, generated, stats, carry, k, params
 
     accepted, out, drafts = accepted.tolist(), out.tolist(), proposal.tokens.tolist()
     cuts = []
-    sources = report(pair.proposer, proposal, accepted)
+    sources = report(pair.proposer, proposal, accepted, [out[r][: accepted[r] + 1] for r in range(B)])
     for r, i in enumerate(rows):
         committed = out[r][: accepted[r] + 1]
         cut = commit_length(committed, remaining[r], pair.eos_ids)

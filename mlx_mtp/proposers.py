@@ -102,8 +102,8 @@ class NGramProposer:
 
 
 class HybridProposer:
-    """Per row: the n-gram lookup where it matches and its live acceptance is at least the
-    drafter's, the MTP drafter elsewhere."""
+    """Per row: the n-gram lookup where it matches and its live first-draft acceptance is at
+    least the drafter's, the MTP drafter elsewhere."""
 
     name = "hybrid"
 
@@ -113,11 +113,13 @@ class HybridProposer:
 
     def reset(self):
         """Forget live acceptance: each generation starts from the same prior."""
-        self.drafted = {"mtp": 1, "ngram": 1}  # a one-token prior of 0.5 acceptance each
-        self.accepted = {"mtp": 0.5, "ngram": 0.5}
+        self.rounds = {"mtp": 1, "ngram": 1}  # a one-round prior of 0.5 acceptance each
+        self.hits = {"mtp": 0.5, "ngram": 0.5}
+        self.lookups = None  # the last proposal's lookups, used or not
 
     def acceptance(self, source: str) -> float:
-        return self.accepted[source] / self.drafted[source]
+        """Share of its rounds whose first draft was accepted."""
+        return self.hits[source] / self.rounds[source]
 
     def next_source(self, history: List[int]) -> str:
         if self.acceptance("ngram") >= self.acceptance("mtp") and ngram_lookup(history, 1) is not None:
@@ -125,7 +127,8 @@ class HybridProposer:
         return "mtp"
 
     def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Proposal:
-        lookups = [ngram_lookup(h, k) for h in ctx.history]
+        self.lookups = [ngram_lookup(h, k) for h in ctx.history]
+        lookups = self.lookups
         if self.acceptance("ngram") < self.acceptance("mtp"):
             lookups = [None] * len(lookups)
         if all(r is not None for r in lookups):
@@ -137,10 +140,19 @@ class HybridProposer:
         proposal.sources = ["ngram" if r is not None else "mtp" for r in lookups]
         return proposal
 
-    def observe(self, sources: List[str], drafted: int, accepted: List[int]):
-        for source, n in zip(sources, accepted):
-            self.drafted[source] += drafted
-            self.accepted[source] += n
+    def observe(self, sources: List[str], accepted: List[int], committed: List[List[int]]):
+        """Count each row's first draft. A lookup that went unused is scored too, against the
+        token the target committed: that token is distributed as the target's p, so a match
+        happens with the probability the lookup's first draft would have been accepted. A
+        source switched off thus keeps being measured and can win back its rounds."""
+        lookups, self.lookups = self.lookups or [None] * len(sources), None
+        for source, n, tokens, lookup in zip(sources, accepted, committed, lookups):
+            if source in self.rounds:
+                self.rounds[source] += 1
+                self.hits[source] += n > 0
+            if source != "ngram" and lookup is not None:
+                self.rounds["ngram"] += 1
+                self.hits["ngram"] += lookup[0] == tokens[0]
 
 
 def _overlay(proposal: Proposal, lookups, vocab_size: int) -> Proposal:

@@ -89,7 +89,7 @@ def run_round(
     trim(seq.cache, k + 1 - cut)
     seq.carry = hidden[:, cut - 1 : cut]
     seq.tokens += committed[:cut]
-    sources = report(proposer, proposal, [n])
+    sources = report(proposer, proposal, [n], [committed])
     return RoundResult(committed[:cut], proposal.tokens[0].tolist(), n, sources[0])
 
 
@@ -113,11 +113,12 @@ def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, k: int,
     return proposal, hidden, accepted, out
 
 
-def report(proposer, proposal: Proposal, accepted: list) -> list:
-    """Per-row sources of a round's proposal; tells the proposer what was accepted."""
+def report(proposer, proposal: Proposal, accepted: list, committed: list) -> list:
+    """Per-row sources of a round's proposal; tells the proposer what was accepted and
+    committed (per row: accepted count, committed ids)."""
     if proposal.k == 0:
         return ["none"] * len(accepted)
     sources = proposal.sources or [proposer.name] * len(accepted)
     if hasattr(proposer, "observe"):
-        proposer.observe(sources, proposal.k, accepted)
+        proposer.observe(sources, accepted, committed)
     return sources

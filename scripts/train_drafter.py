@@ -650,7 +650,8 @@ def first_drafts_everywhere(pair, proposers: dict, prompt, truth) -> dict:
         for name, proposer in proposers.items():
             proposal = proposer.propose(ctx, 1, params)
             hit = proposal is not None and proposal.tokens[0, 0].item() == truth[t]
-            report(proposer, proposal, [int(hit)])  # the hybrid's live per-source acceptance
+            if proposal is not None:  # the hybrid's live per-source acceptance
+                report(proposer, proposal, [int(hit)], [truth[t:]])
             hits[name].append(hit)
         run_round(pair.target, None, seq, 0, params, len(truth))
     return hits
