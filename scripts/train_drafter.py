@@ -3,8 +3,8 @@
 Nothing is downloaded: the data are the target's continuations of templated seed prompts
 (prose, lists, Q&A, JSON, tables, stories, code, chat turns). Three stages:
 
-    python scripts/train_drafter.py data  --out /tmp/drafter-data --max-batches 4   # ~23 min
-    python scripts/train_drafter.py train --data /tmp/drafter-data --minutes 30 \
+    python scripts/train_drafter.py data  --out /tmp/drafter-data --max-batches 16   # ~40-50 min
+    python scripts/train_drafter.py train --data /tmp/drafter-data --minutes 35 \
         --out mlx_mtp/assets/gemma-3-270m-drafter
     python scripts/train_drafter.py eval  --drafter mlx_mtp/assets/gemma-3-270m-drafter
 
