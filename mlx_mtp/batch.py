@@ -232,13 +232,13 @@ def _batch_round(pair, caches, rows, history, generated, stats, carry, k, params
 
     accepted, out, drafts = accepted.tolist(), out.tolist(), proposal.tokens.tolist()
     cuts = []
-    sources = report(pair.proposer, proposal, accepted, [out[r][: accepted[r] + 1] for r in range(B)])
+    committed = [out[r][: accepted[r] + 1] for r in range(B)]
+    sources = report(pair.proposer, proposal, accepted, committed)
     for r, i in enumerate(rows):
-        committed = out[r][: accepted[r] + 1]
-        cut = commit_length(committed, remaining[r], pair.eos_ids)
+        cut = commit_length(committed[r], remaining[r], pair.eos_ids)
         cuts.append(cut)
-        history[i] += committed[:cut]
-        generated[i] += committed[:cut]
+        history[i] += committed[r][:cut]
+        generated[i] += committed[r][:cut]
         stats[i].drafts.append(drafts[r])
         stats[i].accepted.append(accepted[r])
         stats[i].sources.append(sources[r])
