@@ -74,16 +74,52 @@ class MTPProposer:
         )
 
 
-def ngram_lookup(history: List[int], k: int, max_n: int = 4, min_n: int = 2) -> Optional[List[int]]:
-    """The k tokens that followed the latest earlier occurrence of the longest suffix
-    (max_n down to min_n tokens) of `history`, or None when no suffix recurs."""
-    for n in range(min(max_n, len(history) - 1), min_n - 1, -1):
-        suffix = history[-n:]
-        for start in range(len(history) - n - 1, -1, -1):
-            if history[start : start + n] == suffix:
+class NGramIndex:
+    """The latest earlier start of every 2..4-gram of one growing token history, kept up to
+    date as tokens are committed: a lookup costs a few dict probes, not a scan of the history."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 2):
+        self.max_n, self.min_n = max_n, min_n
+        self.tokens: List[int] = []  # the history indexed so far
+        self.latest = {}  # n-gram tuple -> start of its latest occurrence followed by a token
+
+    def sync(self, history: List[int]):
+        if history[: len(self.tokens)] != self.tokens:  # another sequence: index it afresh
+            self.tokens, self.latest = [], {}
+        for length in range(len(self.tokens) + 1, len(history) + 1):
+            # Reaching `length`, the n-grams ending at length - 2 get a following token.
+            for n in range(self.min_n, self.max_n + 1):
+                start = length - n - 1
+                if start >= 0:
+                    self.latest[tuple(history[start : start + n])] = start
+        self.tokens = list(history)
+
+    def lookup(self, history: List[int], k: int) -> Optional[List[int]]:
+        """The k tokens that followed the latest earlier occurrence of the longest suffix
+        (max_n down to min_n tokens) of `history`, or None when no suffix recurs."""
+        self.sync(history)
+        for n in range(min(self.max_n, len(history) - 1), self.min_n - 1, -1):
+            start = self.latest.get(tuple(history[-n:]))
+            if start is not None:
                 follow = history[start + n : start + n + k]
                 return follow + follow[-1:] * (k - len(follow))
-    return None
+        return None
+
+
+def ngram_lookup(history: List[int], k: int) -> Optional[List[int]]:
+    """One lookup without keeping an index."""
+    return NGramIndex().lookup(history, k)
+
+
+class NGramLookups:
+    """Lookups for every row of a batch, each row with its own index."""
+
+    def __init__(self):
+        self.indexes: List[NGramIndex] = []
+
+    def __call__(self, histories: List[List[int]], k: int) -> List[Optional[List[int]]]:
+        self.indexes += [NGramIndex() for _ in range(len(histories) - len(self.indexes))]
+        return [index.lookup(h, k) for index, h in zip(self.indexes, histories)]
 
 
 class NGramProposer:
@@ -91,11 +127,14 @@ class NGramProposer:
 
     name = "ngram"
 
+    def __init__(self):
+        self.lookups = NGramLookups()
+
     def next_source(self, history: List[int]) -> str:
         return self.name
 
     def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Optional[Proposal]:
-        rows = [ngram_lookup(h, k) for h in ctx.history]
+        rows = self.lookups(ctx.history, k)
         if any(r is None for r in rows):
             return None
         return deterministic(mx.array(rows))
@@ -109,6 +148,7 @@ class HybridProposer:
 
     def __init__(self, mtp: MTPProposer):
         self.mtp = mtp
+        self.lookup = NGramLookups()
         self.reset()
 
     def reset(self):
@@ -122,12 +162,12 @@ class HybridProposer:
         return self.hits[source] / self.rounds[source]
 
     def next_source(self, history: List[int]) -> str:
-        if self.acceptance("ngram") >= self.acceptance("mtp") and ngram_lookup(history, 1) is not None:
+        if self.acceptance("ngram") >= self.acceptance("mtp") and self.lookup([history], 1)[0] is not None:
             return "ngram"
         return "mtp"
 
     def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Proposal:
-        self.lookups = [ngram_lookup(h, k) for h in ctx.history]
+        self.lookups = self.lookup(ctx.history, k)
         lookups = self.lookups
         if self.acceptance("ngram") < self.acceptance("mtp"):
             lookups = [None] * len(lookups)

@@ -2,7 +2,9 @@
 
 import mlx_mtp
 from conftest import load_pair, plain_greedy, prompt_of
-from mlx_mtp.proposers import HybridProposer, ngram_lookup
+import random
+
+from mlx_mtp.proposers import HybridProposer, NGramIndex, ngram_lookup
 
 
 def test_lookup_copies_what_followed_the_longest_recurring_suffix():
@@ -12,6 +14,27 @@ def test_lookup_copies_what_followed_the_longest_recurring_suffix():
     assert ngram_lookup([5, 6, 7, 8], 2) is None
     # Near the end of the history the copy is padded with its last token.
     assert ngram_lookup([4, 5, 6, 4, 5], 3) == [6, 4, 5]
+
+
+def scanned_lookup(history, k):
+    """The definition, by a scan from the end of the history."""
+    for n in range(min(4, len(history) - 1), 1, -1):
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start : start + n] == history[-n:]:
+                follow = history[start + n : start + n + k]
+                return follow + follow[-1:] * (k - len(follow))
+    return None
+
+
+def test_incremental_index_matches_a_scan_as_the_history_grows_or_changes():
+    rng = random.Random(0)
+    index = NGramIndex()
+    for _ in range(3):  # a new sequence each time: the index must notice and start afresh
+        history = [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
+        for _ in range(60):
+            k = rng.randrange(1, 4)
+            assert index.lookup(history, k) == scanned_lookup(history, k)
+            history = history + [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
 
 
 def test_hybrid_uses_lookup_where_the_output_repeats_and_stays_exact():
