@@ -1,10 +1,12 @@
 """Train the MTP drafter of the embedded pair (Gemma 3 270M) from the target's own outputs.
 
-Nothing is downloaded: the data are the target's continuations of templated seed prompts
-(prose, lists, Q&A, JSON, tables, stories, code, chat turns). Three stages:
+Nothing is downloaded: the data are the target's continuations of its prompts, and the
+prompts are templated seeds (prose, lists, Q&A, JSON, tables, stories, code, chat turns) or
+text the target samples itself from BOS, as is or inside a chat turn. Three stages:
 
-    python scripts/train_drafter.py data  --out /tmp/drafter-data --max-batches 16   # ~40-50 min
-    python scripts/train_drafter.py train --data /tmp/drafter-data --minutes 35 \
+    python scripts/train_drafter.py data --out /tmp/drafter-data --max-batches 16
+    python scripts/train_drafter.py data --prompts self --out /tmp/drafter-self --batches 16 --seed 1
+    python scripts/train_drafter.py train --data /tmp/drafter-data /tmp/drafter-self --minutes 50 \
         --out mlx_mtp/assets/gemma-3-270m-drafter
     python scripts/train_drafter.py eval  --drafter mlx_mtp/assets/gemma-3-270m-drafter
 
@@ -15,10 +17,10 @@ greedy verification accepts) and the KV of its last sliding and last full layer.
 `train` builds the drafter (model_type gemma4_assistant, shares_target_embedding): two
 query-only layers [sliding, full] initialised from the target's last sliding and last full
 layer, a clustered head whose equal-size clusters come from recursive median splits of the
-target's embedding rows. Loss: a 3-step rollout with the drafter's own carry at a constant
-query position (exactly as MTPProposer runs it), cross-entropy over a candidate set (the most
-frequent greedy tokens plus the batch's labels), plus a cross-entropy on the centroid logits
-toward the label's cluster. Step k > 1 is trained only where the data's token equals the
+target's embedding rows. Loss: a K-step rollout (`--rollout`, 2) with the drafter's own carry
+at a constant query position (exactly as MTPProposer runs it), cross-entropy over a candidate
+set (the most frequent greedy tokens plus the batch's labels), plus a cross-entropy on the
+centroid logits toward the label's cluster. Step k > 1 is trained only where the data's token equals the
 target's greedy token (the condition under which its draft is verified).
 
 `eval` measures first-draft acceptance of the drafter alone and of the hybrid proposer with
@@ -163,10 +165,9 @@ def seed_prompts(n: int, seed: int) -> list:
 # Stage 1: data from the target itself
 
 
-def generate_batch(target, tokenizer, prompts, steps, temperature, greedy_rows):
-    """Sample `steps` tokens for each prompt; returns one dict of arrays per row."""
-    B = len(prompts)
-    encoded = [tokenizer.encode(p) for p in prompts]
+def generate_batch(target, encoded, steps, temperature, greedy_rows):
+    """Sample `steps` tokens after each prompt (token ids); returns one dict of arrays per row."""
+    B = len(encoded)
     kinds = target.layer_types[: target.num_cached_layers]
     caches = [BatchCache(B, target.sliding_window if k == SLIDING else None) for k in kinds]
     lengths = [len(p) for p in encoded]
@@ -183,10 +184,10 @@ def generate_batch(target, tokenizer, prompts, steps, temperature, greedy_rows):
         greedy = mx.argmax(logits, axis=-1)
         # Rows [0, greedy_rows) decode greedily, the rest sample: each half pays only for its
         # own choice (sampling 262K logits per row is the costliest step here).
-        token = mx.concatenate([
-            mx.argmax(logits[:greedy_rows] + ban, axis=-1),
-            mx.random.categorical((logits[greedy_rows:] + ban) / temperature),
-        ])
+        parts = [mx.argmax(logits[:greedy_rows] + ban, axis=-1)] if greedy_rows else []
+        if greedy_rows < B:
+            parts.append(mx.random.categorical((logits[greedy_rows:] + ban) / temperature))
+        token = mx.concatenate(parts)
         hs.append(last[:, 0].astype(mx.float16))
         gs.append(greedy)
         xs.append(token)
@@ -215,12 +216,39 @@ def generate_batch(target, tokenizer, prompts, steps, temperature, greedy_rows):
     return rows
 
 
+CHAT_WRAPPERS = [  # user turns around the target's own text: replies that quote the user
+    "{text}", "Summarize this:\n\n{text}", "Rewrite this more clearly:\n\n{text}",
+    "What does this mean?\n\n{text}", "Continue this text:\n\n{text}",
+    "Translate this into English:\n\n{text}", "Fix any mistakes in this:\n\n{text}",
+]
+
+
+def self_prompts(target, tokenizer, B: int, rng: random.Random) -> list:
+    """B prompts seeded by the target itself: text it samples from BOS (T=1, 16-48 tokens),
+    as is for the first and third quarter of the rows, wrapped in a chat turn for the second
+    and fourth (rows [0, B/2) decode greedily, so each half gets both kinds)."""
+    bos = tokenizer.bos_token_id
+    free = [r["tokens"][1:] for r in generate_batch(target, [[bos]] * B, 48, 1.0, 0)]
+    prompts = []
+    for i, ids in enumerate(free):
+        ids = ids[: rng.randint(16, 48)].tolist()
+        if (i // (B // 4)) % 2 == 0:
+            prompts.append([bos] + ids)
+        else:
+            turn = rng.choice(CHAT_WRAPPERS).format(text=tokenizer.decode(ids).strip())
+            text = tokenizer.apply_chat_template([{"role": "user", "content": turn}], tokenize=False,
+                                                 add_generation_prompt=True)
+            prompts.append(tokenizer.encode(text, add_special_tokens=not text.startswith(tokenizer.bos_token)))
+    return prompts
+
+
 def stage_data(args):
     target, _, tokenizer, _ = load_pair(str(ensure_target()), None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = seed_prompts(args.batches * args.batch_size, args.seed)
-    (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    if args.prompts == "templates":
+        prompts = seed_prompts(args.batches * args.batch_size, args.seed)
+        (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
     t0 = time.perf_counter()
     for b in range(min(args.batches, args.max_batches or args.batches)):
         path = out / f"batch_{b:03d}.npz"
@@ -228,10 +256,11 @@ def stage_data(args):
             continue
         tic = time.perf_counter()
         mx.random.seed(args.seed * 1000 + b)  # per batch, so a resumed run makes the same data
-        rows = generate_batch(
-            target, tokenizer, prompts[b * args.batch_size : (b + 1) * args.batch_size],
-            args.steps, args.temperature, args.batch_size // 2,
-        )
+        if args.prompts == "templates":
+            encoded = [tokenizer.encode(p) for p in prompts[b * args.batch_size : (b + 1) * args.batch_size]]
+        else:
+            encoded = self_prompts(target, tokenizer, args.batch_size, random.Random(args.seed * 1000 + b))
+        rows = generate_batch(target, encoded, args.steps, args.temperature, args.batch_size // 2)
         flat = {}
         for i, r in enumerate(rows):
             for k, v in r.items():
@@ -240,7 +269,6 @@ def stage_data(args):
         n = len(rows) * args.steps
         print(f"batch {b}: {n} positions in {time.perf_counter() - tic:.0f}s "
               f"({n / (time.perf_counter() - tic):.0f}/s), total {time.perf_counter() - t0:.0f}s", flush=True)
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,7 +531,7 @@ def stage_train(args):
     rng = np.random.default_rng(args.seed)
     target, _, _, _ = load_pair(str(ensure_target()), None)
     target.model.freeze()
-    seqs = load_data(Path(args.data))
+    seqs = [s for d in args.data for s in load_data(Path(d))]
     rng.shuffle(seqs)
     val, train = seqs[: args.val_seqs], seqs[args.val_seqs :]
     positions = sum(len(s["hidden"]) for s in train)
@@ -517,7 +545,7 @@ def stage_train(args):
 
     tic = time.perf_counter()
     E = np.array(target.decoder.embed_tokens.weight)
-    cached = Path(args.data) / f"clusters-seed{args.seed}.npy"  # deterministic: reuse across runs
+    cached = Path(args.data[0]) / f"clusters-seed{args.seed}.npy"  # deterministic: reuse across runs
     if cached.exists():
         ordering = np.load(cached)
     else:
@@ -714,6 +742,8 @@ if __name__ == "__main__":
     sub = p.add_subparsers(dest="stage", required=True)
     d = sub.add_parser("data")
     d.add_argument("--out", default="/tmp/drafter-data")
+    d.add_argument("--prompts", choices=["templates", "self"], default="templates",
+                   help="templated seed prompts, or text the target samples itself (plain and as a chat turn)")
     d.add_argument("--batches", type=int, default=20, help="batches the seed prompts are drawn for")
     d.add_argument("--max-batches", type=int, default=0, help="stop after this many (0: all)")
     d.add_argument("--batch-size", type=int, default=64)
@@ -721,7 +751,7 @@ if __name__ == "__main__":
     d.add_argument("--temperature", type=float, default=0.8)
     d.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train")
-    t.add_argument("--data", default="/tmp/drafter-data")
+    t.add_argument("--data", nargs="+", default=["/tmp/drafter-data"], help="one or more `data` directories")
     t.add_argument("--out", default="mlx_mtp/assets/gemma-3-270m-drafter")
     t.add_argument("--minutes", type=float, default=30)
     t.add_argument("--intermediate", type=int, default=1536)
