@@ -128,13 +128,13 @@ class NGramProposer:
     name = "ngram"
 
     def __init__(self):
-        self.lookups = NGramLookups()
+        self.ngrams = NGramLookups()
 
     def next_source(self, history: List[int]) -> str:
         return self.name
 
     def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Optional[Proposal]:
-        rows = self.lookups(ctx.history, k)
+        rows = self.ngrams(ctx.history, k)
         if any(r is None for r in rows):
             return None
         return deterministic(mx.array(rows))
@@ -148,7 +148,7 @@ class HybridProposer:
 
     def __init__(self, mtp: MTPProposer):
         self.mtp = mtp
-        self.lookup = NGramLookups()
+        self.ngrams = NGramLookups()
         self.reset()
 
     def reset(self):
@@ -162,12 +162,12 @@ class HybridProposer:
         return self.hits[source] / self.rounds[source]
 
     def next_source(self, history: List[int]) -> str:
-        if self.acceptance("ngram") >= self.acceptance("mtp") and self.lookup([history], 1)[0] is not None:
+        if self.acceptance("ngram") >= self.acceptance("mtp") and self.ngrams([history], 1)[0] is not None:
             return "ngram"
         return "mtp"
 
     def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Proposal:
-        self.lookups = self.lookup(ctx.history, k)
+        self.lookups = self.ngrams(ctx.history, k)
         lookups = self.lookups
         if self.acceptance("ngram") < self.acceptance("mtp"):
             lookups = [None] * len(lookups)

@@ -20,8 +20,8 @@ layer, a clustered head whose equal-size clusters come from recursive median spl
 target's embedding rows. Loss: a K-step rollout (`--rollout`, 2) with the drafter's own carry
 at a constant query position (exactly as MTPProposer runs it), cross-entropy over a candidate
 set (the most frequent greedy tokens plus the batch's labels), plus a cross-entropy on the
-centroid logits toward the label's cluster. Step k > 1 is trained only where the data's token equals the
-target's greedy token (the condition under which its draft is verified).
+centroid logits toward the label's cluster. Step k > 1 is trained only where the data's token
+equals the target's greedy token (the condition under which its draft is verified).
 
 `eval` measures first-draft acceptance of the drafter alone and of the hybrid proposer with
 greedy decoding on held-out prompts (EVAL_PROMPTS as plain text, or with `--prompts bench`

@@ -1,9 +1,9 @@
 """The n-gram lookup and the hybrid proposer's choice of source."""
 
-import mlx_mtp
-from conftest import load_pair, plain_greedy, prompt_of
 import random
 
+import mlx_mtp
+from conftest import load_pair, plain_greedy, prompt_of
 from mlx_mtp.proposers import HybridProposer, NGramIndex, ngram_lookup
 
 
