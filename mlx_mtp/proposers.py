@@ -106,11 +106,6 @@ class NGramIndex:
         return None
 
 
-def ngram_lookup(history: List[int], k: int) -> Optional[List[int]]:
-    """One lookup without keeping an index."""
-    return NGramIndex().lookup(history, k)
-
-
 class NGramLookups:
     """Lookups for every row of a batch, each row with its own index."""
 

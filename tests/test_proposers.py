@@ -4,16 +4,16 @@ import random
 
 import mlx_mtp
 from conftest import load_pair, plain_greedy, prompt_of
-from mlx_mtp.proposers import HybridProposer, NGramIndex, ngram_lookup
+from mlx_mtp.proposers import HybridProposer, NGramIndex
 
 
 def test_lookup_copies_what_followed_the_longest_recurring_suffix():
     history = [1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 4, 1, 2, 3]
     # "1 2 3" recurs at the start (longer than "2 3", which recurs later): copy what followed it.
-    assert ngram_lookup(history, 3) == [9, 9, 5]
-    assert ngram_lookup([5, 6, 7, 8], 2) is None
+    assert NGramIndex().lookup(history, 3) == [9, 9, 5]
+    assert NGramIndex().lookup([5, 6, 7, 8], 2) is None
     # Near the end of the history the copy is padded with its last token.
-    assert ngram_lookup([4, 5, 6, 4, 5], 3) == [6, 4, 5]
+    assert NGramIndex().lookup([4, 5, 6, 4, 5], 3) == [6, 4, 5]
 
 
 def scanned_lookup(history, k):
