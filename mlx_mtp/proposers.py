@@ -92,7 +92,7 @@ class NGramIndex:
                 start = length - n - 1
                 if start >= 0:
                     self.latest[tuple(history[start : start + n])] = start
-        self.tokens = list(history)
+        self.tokens += history[len(self.tokens) :]
 
     def lookup(self, history: List[int], k: int) -> Optional[List[int]]:
         """The k tokens that followed the latest earlier occurrence of the longest suffix
