@@ -45,7 +45,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_mtp.batch import BatchCache
+from mlx_mtp.bench import encode_prompt, load_prompts
 from mlx_mtp.embedded import GEMMA_NOTICE, ensure_target
+from mlx_mtp.generate import Pair
 from mlx_mtp.loading import load_pair
 from mlx_mtp.target import SLIDING
 
@@ -223,27 +225,25 @@ CHAT_WRAPPERS = [  # user turns around the target's own text: replies that quote
 ]
 
 
-def self_prompts(target, tokenizer, B: int, rng: random.Random) -> list:
+def self_prompts(pair, B: int, rng: random.Random) -> list:
     """B prompts seeded by the target itself: text it samples from BOS (T=1, 16-48 tokens),
     as is for the first and third quarter of the rows, wrapped in a chat turn for the second
     and fourth (rows [0, B/2) decode greedily, so each half gets both kinds)."""
-    bos = tokenizer.bos_token_id
-    free = [r["tokens"][1:] for r in generate_batch(target, [[bos]] * B, 48, 1.0, 0)]
+    bos = pair.tokenizer.bos_token_id
+    free = [r["tokens"][1:] for r in generate_batch(pair.target, [[bos]] * B, 48, 1.0, 0)]
     prompts = []
     for i, ids in enumerate(free):
         ids = ids[: rng.randint(16, 48)].tolist()
         if (i // (B // 4)) % 2 == 0:
             prompts.append([bos] + ids)
         else:
-            turn = rng.choice(CHAT_WRAPPERS).format(text=tokenizer.decode(ids).strip())
-            text = tokenizer.apply_chat_template([{"role": "user", "content": turn}], tokenize=False,
-                                                 add_generation_prompt=True)
-            prompts.append(tokenizer.encode(text, add_special_tokens=not text.startswith(tokenizer.bos_token)))
+            turn = rng.choice(CHAT_WRAPPERS).format(text=pair.tokenizer.decode(ids).strip())
+            prompts.append(encode_prompt(pair, turn))  # as the bench and chat send a user turn
     return prompts
 
 
 def stage_data(args):
-    target, _, tokenizer, _ = load_pair(str(ensure_target()), None)
+    target, _, tokenizer, eos = load_pair(str(ensure_target()), None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.prompts == "templates":
@@ -259,7 +259,8 @@ def stage_data(args):
         if args.prompts == "templates":
             encoded = [tokenizer.encode(p) for p in prompts[b * args.batch_size : (b + 1) * args.batch_size]]
         else:
-            encoded = self_prompts(target, tokenizer, args.batch_size, random.Random(args.seed * 1000 + b))
+            encoded = self_prompts(Pair(target, None, tokenizer, frozenset(eos)), args.batch_size,
+                                   random.Random(args.seed * 1000 + b))
         rows = generate_batch(target, encoded, args.steps, args.temperature, args.batch_size // 2)
         flat = {}
         for i, r in enumerate(rows):
@@ -692,8 +693,6 @@ def stage_eval(args):
     tic = time.perf_counter()
     pair = mlx_mtp.load(str(ensure_target()), args.drafter)
     if args.prompts == "bench":  # mlx-mtp bench's built-in prompts, as bench sends them
-        from mlx_mtp.bench import encode_prompt, load_prompts
-
         prompts = [encode_prompt(pair, p) for kind in load_prompts().values() for p in kind]
     else:
         prompts = [encode(pair, p) for p in EVAL_PROMPTS]
