@@ -487,22 +487,32 @@ def make_loss(target, cluster_of, frequent, K, weights, negatives):
     return loss_fn
 
 
-def head_metrics(drafter, target, batch, K, cluster_of, top_k, rows=3072):
-    """Teacher-forced: share of round starts whose step-k draft (real clustered head) is the
-    target's greedy token, and share whose greedy token is in the candidate set."""
+def head_metrics(drafter, target, batch, K, cluster_of, rows=3072, chunk=256):
+    """Teacher-forced: share of round starts whose step-k draft (the clustered head's argmax)
+    is the target's greedy token, and share whose greedy token is in the candidate set.
+    The head's argmax is taken as the argmax of the full logits masked to its top clusters:
+    the same tokens, without gathering 4096 embedding rows per row (checked on 1024 rows of
+    the shipped drafter: equal figures, 18 s instead of 41 s here)."""
+    E = target.decoder.embed_tokens.weight
+    head = drafter.masked_embedding
     hs = rollout(drafter, target, batch, K)
     out = []
     for k in range(K):
         L = hs[k].shape[1]
-        h = hs[k].reshape(-1, hs[k].shape[-1])[:rows]
+        h = hs[k].reshape(-1, hs[k].shape[-1])[:rows]  # [M, H]
         y = batch["lab"][:, k : k + L].reshape(-1)[:rows]
         valid = np.array(batch["valid"][k].reshape(-1)[:rows])
         hits, covered = [], []
-        for s in range(0, h.shape[0], 32):
-            cand = drafter.head(h[s : s + 32])
-            best = mx.take_along_axis(cand.ids, mx.argmax(cand.logits, axis=1)[:, None], axis=1)[:, 0]
-            hits.append(best == y[s : s + 32])
-            covered.append((cand.ids == y[s : s + 32, None]).any(axis=1))
+        for s in range(0, h.shape[0], chunk):
+            hc, yc = h[s : s + chunk], y[s : s + chunk]
+            centroid_logits = head.centroids(hc)  # [c, N]
+            kth = mx.sort(centroid_logits, axis=1)[:, -head.top_k][:, None]
+            chosen = centroid_logits >= kth  # [c, N]: the top-k clusters (ties aside)
+            candidate = mx.take(chosen, cluster_of, axis=1)  # [c, V]
+            best = mx.argmax(mx.where(candidate, hc @ E.T, -mx.inf), axis=1)
+            hits.append(best == yc)
+            covered.append(mx.take_along_axis(candidate, yc[:, None], axis=1)[:, 0])
+            mx.eval(hits[-1], covered[-1])
         hits, covered = np.array(mx.concatenate(hits)), np.array(mx.concatenate(covered))
         out.append((hits[valid].mean(), covered[valid].mean(), int(valid.sum())))
     return out
@@ -546,16 +556,21 @@ def stage_train(args):
 
     tic = time.perf_counter()
     E = np.array(target.decoder.embed_tokens.weight)
-    cached = Path(args.data[0]) / f"clusters-seed{args.seed}.npy"  # deterministic: reuse across runs
-    if cached.exists():
-        ordering = np.load(cached)
+    if args.init:  # warm start: the drafter's weights, its clusters included, from an earlier run
+        init = mx.load(str(Path(args.init) / "model.safetensors"))
+        drafter.load_weights([(k, v if v.dtype == mx.int32 else v.astype(mx.float32)) for k, v in init.items()])
+        ordering = np.array(drafter.masked_embedding.token_ordering)
     else:
-        ordering = balanced_clusters(E, 2048, args.seed)
-        np.save(cached, ordering)
+        cached = Path(args.data[0]) / f"clusters-seed{args.seed}.npy"  # deterministic: reuse across runs
+        if cached.exists():
+            ordering = np.load(cached)
+        else:
+            ordering = balanced_clusters(E, 2048, args.seed)
+            np.save(cached, ordering)
+        drafter.masked_embedding.token_ordering = mx.array(ordering)
+        drafter.masked_embedding.centroids.weight = mx.array(E[ordering.reshape(2048, -1)].mean(1) * 4.0)
     assert sorted(ordering.tolist()) == list(range(len(E)))
     clusters = ordering.reshape(2048, -1)
-    drafter.masked_embedding.token_ordering = mx.array(ordering)
-    drafter.masked_embedding.centroids.weight = mx.array(E[clusters].mean(1) * 4.0)
     cluster_of = np.zeros(len(E), np.int32)
     cluster_of[ordering] = np.arange(len(E)) // clusters.shape[1]
     cluster_of = mx.array(cluster_of)
@@ -582,7 +597,7 @@ def stage_train(args):
 
     def report(step, seen):
         drafter.eval()
-        m = head_metrics(drafter, target, val_batch, K, cluster_of, 32)
+        m = head_metrics(drafter, target, val_batch, K, cluster_of)
         text = " ".join(f"step{k + 1} acc {a:.3f} cover {c:.3f} (n={n})" for k, (a, c, n) in enumerate(m))
         print(f"[{time.perf_counter() - t_train:.0f}s] step {step} seen {seen}: val {text}", flush=True)
         return m
@@ -627,6 +642,7 @@ def stage_train(args):
     meta = {
         "command": " ".join(sys.argv),
         "seed": args.seed,
+        "init": args.init,
         "train_sequences": len(train),
         "train_round_starts": positions,
         "validation_sequences": len(val),
@@ -752,6 +768,7 @@ if __name__ == "__main__":
     t = sub.add_parser("train")
     t.add_argument("--data", nargs="+", default=["/tmp/drafter-data"], help="one or more `data` directories")
     t.add_argument("--out", default="mlx_mtp/assets/gemma-3-270m-drafter")
+    t.add_argument("--init", help="a drafter directory to start from (default: the target's layers)")
     t.add_argument("--minutes", type=float, default=30)
     t.add_argument("--intermediate", type=int, default=1536)
     t.add_argument("--rollout", type=int, default=2)
