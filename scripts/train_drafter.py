@@ -10,7 +10,7 @@ text the target samples itself from BOS, as is or inside a chat turn. Three stag
         --out mlx_mtp/assets/gemma-3-270m-drafter
     python scripts/train_drafter.py data --prompts self --out /tmp/drafter-self2 --batches 20 --seed 2
     python scripts/train_drafter.py train --init mlx_mtp/assets/gemma-3-270m-drafter \
-        --data /tmp/drafter-self2 --minutes 50 --lr 1.5e-4 --out /tmp/drafter-v4
+        --data /tmp/drafter-self2 --minutes 50 --lr 1.5e-4 --out mlx_mtp/assets/gemma-3-270m-drafter
     python scripts/train_drafter.py eval  --drafter mlx_mtp/assets/gemma-3-270m-drafter
 
 `data` samples B rows per batch (half greedy, half at temperature 0.8, EOS banned) and records
