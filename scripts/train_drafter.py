@@ -558,12 +558,13 @@ def stage_train(args):
     init_from_target(drafter, target, args.intermediate)
 
     tic = time.perf_counter()
-    E = np.array(target.decoder.embed_tokens.weight)
+    V = target.vocab_size
     if args.init:  # warm start: the drafter's weights, its clusters included, from an earlier run
         init = mx.load(str(Path(args.init) / "model.safetensors"))
         drafter.load_weights([(k, v if v.dtype == mx.int32 else v.astype(mx.float32)) for k, v in init.items()])
         ordering = np.array(drafter.masked_embedding.token_ordering)
     else:
+        E = np.array(target.decoder.embed_tokens.weight)
         cached = Path(args.data[0]) / f"clusters-seed{args.seed}.npy"  # deterministic: reuse across runs
         if cached.exists():
             ordering = np.load(cached)
@@ -572,12 +573,12 @@ def stage_train(args):
             np.save(cached, ordering)
         drafter.masked_embedding.token_ordering = mx.array(ordering)
         drafter.masked_embedding.centroids.weight = mx.array(E[ordering.reshape(2048, -1)].mean(1) * 4.0)
-    assert sorted(ordering.tolist()) == list(range(len(E)))
+        del E
+    assert sorted(ordering.tolist()) == list(range(V))
     clusters = ordering.reshape(2048, -1)
-    cluster_of = np.zeros(len(E), np.int32)
-    cluster_of[ordering] = np.arange(len(E)) // clusters.shape[1]
+    cluster_of = np.zeros(V, np.int32)
+    cluster_of[ordering] = np.arange(V) // clusters.shape[1]
     cluster_of = mx.array(cluster_of)
-    del E
     t_cluster = time.perf_counter() - tic
     print(f"clusters: {t_cluster:.0f}s", flush=True)
 
