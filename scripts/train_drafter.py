@@ -11,6 +11,9 @@ text the target samples itself from BOS, as is or inside a chat turn. Three stag
     python scripts/train_drafter.py data --prompts self --out /tmp/drafter-self2 --batches 20 --seed 2
     python scripts/train_drafter.py train --init mlx_mtp/assets/gemma-3-270m-drafter \
         --data /tmp/drafter-self2 --minutes 50 --lr 1.5e-4 --out mlx_mtp/assets/gemma-3-270m-drafter
+    python scripts/train_drafter.py data --prompts self --out /tmp/drafter-self3 --batches 20 --seed 3
+    python scripts/train_drafter.py train --init mlx_mtp/assets/gemma-3-270m-drafter --data /tmp/drafter-self3 \
+        --minutes 45 --lr 1.5e-4 --lookup-weight 0.5 --val-seqs 64 --out mlx_mtp/assets/gemma-3-270m-drafter
     python scripts/train_drafter.py eval  --drafter mlx_mtp/assets/gemma-3-270m-drafter
 
 `data` samples B rows per batch (half greedy, half at temperature 0.8, EOS banned) and records
@@ -25,6 +28,8 @@ at a constant query position (exactly as MTPProposer runs it), cross-entropy ove
 set (the most frequent greedy tokens plus the batch's labels), plus a cross-entropy on the
 centroid logits toward the label's cluster. Step k > 1 is trained only where the data's token
 equals the target's greedy token (the condition under which its draft is verified).
+`--lookup-weight` weighs down round starts where the hybrid proposer would take the n-gram
+lookup's proposal instead of the drafter's.
 
 `eval` measures first-draft acceptance of the drafter alone and of the hybrid proposer with
 greedy decoding on held-out prompts (EVAL_PROMPTS as plain text, or with `--prompts bench`
