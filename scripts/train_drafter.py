@@ -415,6 +415,7 @@ class Batches:
 
     def __init__(self, seqs, S: int, K: int):
         self.seqs, self.S, self.K = seqs, S, K
+        self.lookup = [lookup_matches(s["tokens"])[int(s["prompt_len"]) :] for s in seqs]  # per round start
         self.L = len(seqs[0]["hidden"])
         self.N = max(len(s["tokens"]) for s in seqs)
 
@@ -434,7 +435,7 @@ class Batches:
             tok[r, :L] = x
             lab[r, :L] = g
             match[r, : L - 1] = x[1:] == g[:-1]
-            lookup[r] = lookup_matches(s["tokens"])[P:]
+            lookup[r] = self.lookup[i]
             carry[r] = s["hidden"]
             for k in kv:
                 kv[k][r, 0, :n] = s[k]
