@@ -57,6 +57,7 @@ from mlx_mtp.bench import encode_prompt, load_prompts
 from mlx_mtp.embedded import GEMMA_NOTICE, ensure_target
 from mlx_mtp.generate import Pair
 from mlx_mtp.loading import load_pair
+from mlx_mtp.proposers import NGramIndex
 from mlx_mtp.target import SLIDING
 
 EOS_IDS = (1, 106)
@@ -399,15 +400,10 @@ def load_data(path: Path):
 
 
 def lookup_matches(tokens: np.ndarray) -> np.ndarray:
-    """[n] bool: whether the hybrid's n-gram lookup has a proposal after tokens[: p + 1], i.e.
-    the bigram ending at p occurred earlier with a token after it (as NGramIndex, min_n=2)."""
-    seen, out = set(), np.zeros(len(tokens), bool)
-    t = tokens.tolist()
-    for p in range(1, len(t)):
-        if p >= 2:
-            seen.add((t[p - 2], t[p - 1]))  # now followed by t[p]
-        out[p] = (t[p - 1], t[p]) in seen
-    return out
+    """[n] bool: whether the hybrid's n-gram lookup has a proposal after tokens[: p + 1]
+    (the runtime's own index, grown one token at a time as in a generation)."""
+    t, index = tokens.tolist(), NGramIndex()
+    return np.array([index.lookup(t[: p + 1], 1) is not None for p in range(len(t))], bool)
 
 
 class Batches:
