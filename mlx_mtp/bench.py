@@ -22,9 +22,8 @@ from mlx_lm import batch_generate as mlx_lm_batch_generate
 from mlx_lm import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from .batch import batch_generate
 from .chat import apply_template
-from .generate import Pair, Stats, encode, generate
+from .generate import Pair, Stats, batch_generate, encode, generate
 from .tuning import load_or_measure
 
 if sys.version_info >= (3, 11):
@@ -181,7 +180,10 @@ def benchmark(
     for task in tasks:
         first.setdefault((task.setting.batch, task.setting.draft_tokens), task)
     if any(task.setting.draft_tokens is None for task in tasks):
-        pair.costs = load_or_measure(pair, pair.default_draft_tokens, refresh=True)
+        # Measured afresh, and for every batch size a batch passes through as its rows
+        # finish, before anything is timed.
+        most = max(task.setting.batch or 1 for task in tasks)
+        pair.costs = {b: load_or_measure(pair, pair.default_draft_tokens, b, refresh=True) for b in range(1, most + 1)}
     for task in first.values():
         run_baseline(pair, task, WARMUP_TOKENS, warm, seed)
         run_mtp(pair, task, WARMUP_TOKENS, warm, seed)
@@ -257,6 +259,8 @@ def report(pair: Pair, runs: List[Run], config: dict) -> dict:
         "runs": [r.to_dict() for r in runs],
         "model": pair.name,
         "config": config,
-        "costs": asdict(pair.costs) if pair.costs else None,  # what auto K chose from
+        # What auto K chose from: for one row, and for every batch size.
+        "costs": asdict(pair.costs[1]) if 1 in pair.costs else None,
+        "costs_by_batch": {b: asdict(c) for b, c in sorted(pair.costs.items())},
         "machine": machine_info(),
     }

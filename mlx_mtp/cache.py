@@ -1,120 +1,186 @@
-"""Target KV caches that can roll back rejected drafts, also past the sliding window.
+"""Target KV caches for rows at their own positions, that roll back rejected drafts exactly.
 
 mlx-lm's `RotatingKVCache` overwrites its oldest slot in place: once it has wrapped, a
-rejected draft can no longer be trimmed, and its slots are out of temporal order. The
-sliding layers here use `SlidingKVCache` instead: it keeps the newest `window + slack`
-positions contiguous and in order, so `trim(n)` is exact for any n up to `slack`, and
-masks are built from positions. Full-attention layers use mlx-lm's `KVCache` as is.
+rejected draft can no longer be trimmed, and its slots are out of temporal order. Its
+`BatchKVCache` left-pads rows to one length. Here one class serves every layer and any
+number of rows: `BatchCache` keeps each row at its own position in one buffer (slot =
+position - start), in temporal order, so trimming a row is moving its position back, and
+masks are built from positions. A sliding layer drops only the positions that EVERY row has
+moved past by its own position (its window plus `slack`); padding never decides it.
+
+Entries past a row's position are garbage: hidden by the row's mask, overwritten later.
+Writes only ever land at or past a row's position, so the stored prefix is never changed
+and a saved cache (a conversation) can share its arrays with a live one.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, _BaseCache
+from mlx_lm.models.cache import _BaseCache
 
 # Slack for rollback: the longest draft the loop may verify, plus the drafter's extra
 # position (it sees W + 1 target positions, one more than the target's own window).
 MAX_DRAFT_TOKENS = 16
+SLACK = MAX_DRAFT_TOKENS + 2
 
 
-class SlidingKVCache(_BaseCache):
+class BatchCache(_BaseCache):
     step = 256
 
-    def __init__(self, window: int, slack: int = MAX_DRAFT_TOKENS + 2):
-        self.window = window
+    def __init__(self, rows: int = 1, window: Optional[int] = None, slack: int = SLACK):
+        self.positions = [0] * rows  # per row: positions stored
+        self.window = window  # None: a full-attention layer keeps every position
         self.slack = slack
-        self.keys = None
-        self.values = None
-        self.offset = 0  # positions seen so far
         self.start = 0  # position held in slot 0
-
-    def _needs_room(self, n: int) -> bool:
-        return self.keys is None or self.offset - self.start + n > self.keys.shape[2]
-
-    def _start_after(self, n: int) -> int:
-        """Position of slot 0 once `n` more entries are stored."""
-        if self._needs_room(n):
-            return self.offset - min(self.offset - self.start, self.window + self.slack)
-        return self.start
-
-    def update_and_fetch(self, keys, values):
-        n = keys.shape[2]
-        if self._needs_room(n):
-            start = self._start_after(n)
-            # Reallocate, dropping positions no query and no rollback can reach.
-            B, H, _, Dk = keys.shape
-            kept = self.offset - start
-            capacity = kept + n + self.step
-            new_k = mx.zeros((B, H, capacity, Dk), keys.dtype)
-            new_v = mx.zeros((B, H, capacity, values.shape[3]), values.dtype)
-            if kept:
-                size = self.offset - self.start
-                new_k[..., :kept, :] = self.keys[..., size - kept : size, :]
-                new_v[..., :kept, :] = self.values[..., size - kept : size, :]
-            self.keys, self.values, self.start = new_k, new_v, start
-        size = self.offset - self.start
-        self.keys[..., size : size + n, :] = keys
-        self.values[..., size : size + n, :] = values
-        self.offset += n
-        return self.keys_and_values()
-
-    def keys_and_values(self):
-        size = self.offset - self.start
-        return self.keys[..., :size, :], self.values[..., :size, :]
-
-    def size(self):
-        return self.offset - self.start
+        self.keys = None  # [B, H, capacity, D]
+        self.values = None
 
     @property
-    def state(self):
-        return self.keys, self.values, self.offset, self.start
+    def offset(self):
+        """Where mlx-lm's models rope new tokens: an int for one row, else [B]."""
+        if len(self.positions) == 1:
+            return self.positions[0]
+        return mx.array(self.positions)
 
-    @state.setter
-    def state(self, v):
-        self.keys, self.values, self.offset, self.start = v
+    def _needs_room(self, n: int) -> bool:
+        return self.keys is None or max(self.positions) + n - self.start > self.keys.shape[2]
+
+    def _start_after(self, n: int) -> int:
+        """Position of slot 0 once `n` more entries per row are stored."""
+        if self.window is None or not self._needs_room(n):
+            return self.start
+        return max(self.start, min(self.positions) - self.window - self.slack)
+
+    def update_and_fetch(self, keys, values):
+        B, H, n, _ = keys.shape
+        if self._needs_room(n):
+            start = self._start_after(n)
+            used = max(self.positions) - start
+            self._reallocate(start, used, used + n + self.step, keys.dtype, keys.shape, values.shape)
+        first = self.positions[0] - self.start
+        if all(p == self.positions[0] for p in self.positions):  # one row, or rows in step
+            self.keys[..., first : first + n, :] = keys
+            self.values[..., first : first + n, :] = values
+        else:
+            slots = (mx.array(self.positions) - self.start)[:, None] + mx.arange(n)[None]  # [B, n]
+            slots = slots[:, None, :, None]  # [B, 1, n, 1]
+            self.keys = mx.put_along_axis(self.keys, mx.broadcast_to(slots, keys.shape), keys, axis=2)
+            self.values = mx.put_along_axis(self.values, mx.broadcast_to(slots, values.shape), values, axis=2)
+        self.positions = [p + n for p in self.positions]
+        return self.keys_and_values()
+
+    def _reallocate(self, start: int, used: int, capacity: int, dtype, k_shape, v_shape):
+        """New buffers from position `start`, keeping `used` slots of the old ones."""
+        B, H, _, Dk = k_shape
+        new_k = mx.zeros((B, H, capacity, Dk), dtype)
+        new_v = mx.zeros((B, H, capacity, v_shape[3]), dtype)
+        if self.keys is not None and used > 0:
+            shift = start - self.start
+            new_k[..., :used, :] = self.keys[..., shift : shift + used, :]
+            new_v[..., :used, :] = self.values[..., shift : shift + used, :]
+        self.keys, self.values, self.start = new_k, new_v, start
+
+    def keys_and_values(self):
+        used = max(self.positions) - self.start
+        return self.keys[..., :used, :], self.values[..., :used, :]
+
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array=False):
+        """Mask for N new queries per row over the keys the next update returns."""
+        window = window_size or self.window
+        start = self._start_after(N)
+        end = max(self.positions) + N
+        if len(self.positions) == 1 and not return_array:
+            # One row: every stored key is committed; mlx-lm's fused paths where they apply.
+            if not window or end - start <= window:
+                return None if N == 1 else "causal"
+        k_pos = mx.arange(start, end)[None, None]  # [1, 1, S]
+        q_pos = mx.array(self.positions)[:, None, None] + mx.arange(N)[None, :, None]  # [B, N, 1]
+        mask = k_pos <= q_pos
+        if window:
+            mask = mask & (k_pos > q_pos - window)
+        return mask[:, None]  # [B, 1, N, S]
+
+    # Rows: trim, rewind, keep, join, take out.
+
+    def trim_rows(self, counts: List[int]):
+        """Forget each row's newest `counts[i]` positions (rejected drafts)."""
+        positions = [p - c for p, c in zip(self.positions, counts)]
+        if any(p < self.start for p in positions):
+            raise RuntimeError("trimmed past the positions this cache still holds")
+        self.positions = positions
 
     def is_trimmable(self):
         return True
 
-    def trim(self, n):
-        # Exact while the newest `window` positions stay stored: up to `slack` beyond
-        # what the last update appended.
-        n = min(self.offset - self.start, n)
-        self.offset -= n
+    def trim(self, n: int) -> int:
+        n = min(n, min(self.positions) - self.start)
+        self.positions = [p - n for p in self.positions]
         return n
 
-    def make_mask(self, N: int, window_size: Optional[int] = None, return_array=False):
-        """Mask for N new queries at positions offset..offset+N-1 over the stored keys."""
-        window = window_size or self.window
-        start = self._start_after(N)
-        num_keys = self.offset + N - start
-        if N == 1 and num_keys <= window and not return_array:
-            return None
-        q = mx.arange(self.offset, self.offset + N)[:, None]
-        k = mx.arange(start, start + num_keys)[None]
-        return (k <= q) & (k > q - window)
+    def keep_rows(self, rows: List[int]):
+        """Keep only these rows, in this order."""
+        if rows == list(range(len(self.positions))):
+            return
+        self.positions = [self.positions[i] for i in rows]
+        if not rows:
+            self.keys = self.values = None
+            self.start = 0
+        elif self.keys is not None:
+            index = mx.array(rows)
+            self.keys, self.values = self.keys[index], self.values[index]
+
+    def extend(self, other: "BatchCache"):
+        """Append `other`'s rows after this cache's (a row joining the batch)."""
+        if self.keys is None or not self.positions:
+            self.positions = self.positions + other.positions
+            self.keys, self.values, self.start = other.keys, other.values, other.start
+            return
+        start = min(self.start, other.start)
+        end = max(self.positions + other.positions)
+        B, H, _, Dk = self.keys.shape
+        capacity = end - start + self.step
+        shape = (B + other.keys.shape[0], H, capacity)
+        keys = mx.zeros((*shape, Dk), self.keys.dtype)
+        values = mx.zeros((*shape, self.values.shape[3]), self.values.dtype)
+        for rows, cache in ((slice(0, B), self), (slice(B, None), other)):
+            used = max(cache.positions) - cache.start
+            at = cache.start - start
+            keys[rows, :, at : at + used, :] = cache.keys[..., :used, :]
+            values[rows, :, at : at + used, :] = cache.values[..., :used, :]
+        self.keys, self.values, self.start = keys, values, start
+        self.positions = self.positions + other.positions
+
+    def extract(self, row: int) -> "BatchCache":
+        """One row as a cache of its own (a copy of what it needs)."""
+        out = BatchCache(1, self.window, self.slack)
+        position = self.positions[row]
+        start = self.start
+        if self.window is not None:
+            start = max(start, position - self.window - self.slack)
+        first = start - self.start
+        out.keys = self.keys[row : row + 1, :, first : position - self.start, :]
+        out.values = self.values[row : row + 1, :, first : position - self.start, :]
+        out.positions, out.start = [position], start
+        return out
+
+    def copy(self) -> "BatchCache":
+        """A cache of its own over the same arrays (the stored prefix is never written)."""
+        out = BatchCache(len(self.positions), self.window, self.slack)
+        out.keys, out.values, out.start, out.positions = self.keys, self.values, self.start, list(self.positions)
+        return out
 
     def empty(self):
         return self.keys is None
 
     @property
     def nbytes(self):
-        if self.keys is None:
-            return 0
-        return self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
-def shared_kv_view(cache):
+def shared_kv_view(cache: BatchCache):
     """(keys, values, first_position) of a target cache: views, never copies."""
     keys, values = cache.keys_and_values()
-    first = getattr(cache, "start", 0)  # KVCache always holds position 0 onwards
-    return keys, values, first
+    return keys, values, cache.start
 
 
-def trim(caches, n: int):
-    if n > 0:
-        for c in caches:
-            c.trim(n)
-
-
-__all__ = ["KVCache", "SlidingKVCache", "shared_kv_view", "trim", "MAX_DRAFT_TOKENS"]
+__all__ = ["BatchCache", "shared_kv_view", "MAX_DRAFT_TOKENS"]

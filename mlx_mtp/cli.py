@@ -26,11 +26,10 @@ from rich.table import Table
 import mlx_mtp
 
 from . import blas, registry
-from .batch import batch_generate
 from .bench import benchmark, load_prompts, plan, report
 from .cache import MAX_DRAFT_TOKENS
 from .chat import Conversation, apply_template
-from .generate import Pair, Stats
+from .generate import Pair, Stats, batch_generate
 from .sampling import SamplingParams
 
 COMMANDS = "/reset  /stats  /system TEXT  /exit"
@@ -236,19 +235,17 @@ def generate(
     name = pair.name or target
 
     if prompts_file:
-        size = batch or 1
-        for start in range(0, len(prompts), size):
-            results = batch_generate(pair, prompts[start : start + size], **kwargs)
-            kwargs["seed"] = None  # seed once, not every batch
-            for i, r in enumerate(results, start):
-                if json_:
-                    row = {"prompt": i, "model": name, "text": r.text, "tokens": r.tokens}
-                    typer.echo(json.dumps({**row, "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}))
-                else:
-                    typer.echo(f"--- prompt {i + 1} ---\n{r.text}")
-            if not json_:
-                stats = Stats.pooled([r.stats for r in results])
-                status(f"prompts {start + 1}-{i + 1}: " + summary_line(stats, tps=results.stats.generation_tps))
+        # Continuous batching: `--batch` rows at a time, the next prompt joining as one ends.
+        results = batch_generate(pair, prompts, max_batch=batch or 1, **kwargs)
+        for i, r in enumerate(results):
+            if json_:
+                row = {"prompt": i, "model": name, "text": r.text, "tokens": r.tokens}
+                typer.echo(json.dumps({**row, "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}))
+            else:
+                typer.echo(f"--- prompt {i + 1} ---\n{r.text}")
+        if not json_:
+            stats = Stats.pooled([r.stats for r in results])
+            status(f"prompts 1-{len(results)}: " + summary_line(stats, tps=results.stats.generation_tps))
         return
 
     if json_:

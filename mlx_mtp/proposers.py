@@ -4,13 +4,14 @@ A proposer gets a `DraftContext` (the newest committed token, the target's hidde
 produced it, the target's KV views and the committed history) and returns a `Proposal`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Protocol
 
 import mlx.core as mx
 
+from .cache import MAX_DRAFT_TOKENS
 from .drafter import Drafter
-from .sampling import Proposal, SamplingParams, log_probs, sample_candidates
+from .sampling import Proposal, SamplingParams, group_rows, log_probs, regroup, sample_candidates
 from .target import Target
 
 
@@ -21,16 +22,40 @@ class DraftContext:
     position: object  # position of `token`: int, or [B] for rows at different positions
     shared_kv: Optional[dict]  # kind -> (keys, values, first position), views of the target cache; set by the round
     history: list  # committed token ids per row (list of lists)
+    params: list  # per row: SamplingParams
+    states: Optional[list] = None  # per row: the proposer's state for it (`new_state()`)
+    keys: Optional[mx.array] = None  # [B, 2]: per row, the key of its draws this round (None: all greedy)
 
 
 class Proposer(Protocol):
     name: str
 
-    def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Optional[Proposal]:
-        """K tokens per row, or None when this proposer has nothing to offer."""
+    def new_state(self):
+        """What this proposer keeps for one row (n-gram index, live acceptance), or None."""
 
-    def next_source(self, history: List[int]) -> str:
-        """Who would propose after `history` (host-side: chosen before the round is built)."""
+    def next_source(self, state, history: List[int]) -> str:
+        """Who would propose after `history` (host-side: chosen before the round is built);
+        "none" when nobody would."""
+
+    def propose(self, ctx: DraftContext, k: int) -> Optional[Proposal]:
+        """K tokens per row, or None when this proposer has nothing to offer. Rows with
+        nothing to offer are named "none" in `sources` (their drafts are not verified)."""
+
+    def observe(self, states: list, sources: List[str], accepted: List[int], committed: List[List[int]]):
+        """Learn, per row, how many drafts were accepted and which ids were committed."""
+
+
+class StatelessProposer:
+    """A proposer that keeps nothing per row."""
+
+    def new_state(self):
+        return None
+
+    def next_source(self, state, history: List[int]) -> str:
+        return self.name
+
+    def observe(self, states, sources, accepted, committed):
+        pass
 
 
 def deterministic(tokens: mx.array) -> Proposal:
@@ -39,7 +64,7 @@ def deterministic(tokens: mx.array) -> Proposal:
     return Proposal(tokens, ones, mx.zeros((*tokens.shape, 1)), tokens[..., None])
 
 
-class MTPProposer:
+class MTPProposer(StatelessProposer):
     """K autoregressive drafter steps from a constant position (no target work)."""
 
     name = "mtp"
@@ -48,22 +73,24 @@ class MTPProposer:
         self.drafter = drafter
         self.target = target
 
-    def next_source(self, history: List[int]) -> str:
-        return self.name
-
-    def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Proposal:
+    def propose(self, ctx: DraftContext, k: int) -> Proposal:
         kv = {kind: (keys, values) for kind, (keys, values, _) in ctx.shared_kv.items()}
         masks = self.drafter.masks(ctx.shared_kv, ctx.position)
+        groups = group_rows(ctx.params)
+        step_keys = None  # [B, MAX_DRAFT_TOKENS, 2]: row i's step-j draw comes from its own key
+        if ctx.keys is not None:
+            step_keys = mx.vmap(lambda key: mx.random.split(key, MAX_DRAFT_TOKENS))(ctx.keys)
         token, carry = ctx.token, ctx.carry
         tokens, q_draft, q_logprobs, q_ids = [], [], [], []
-        for _ in range(k):
+        for step in range(k):
             embedding = self.target.embed(token[:, None])
             candidates, carry = self.drafter(embedding, carry, kv, masks, ctx.position)
-            if params.greedy:
+            if len(groups) == 1 and groups[0][0].greedy:
                 logprobs = candidates.logits  # argmax needs no normalization
-            else:
-                logprobs = log_probs(candidates.logits, params)
-            token, q = sample_candidates(logprobs, candidates.ids, params.greedy)
+                token, q = sample_candidates(logprobs, candidates.ids, True)
+            else:  # each row by its own settings, from its own key
+                parts = [self._sample(candidates, mx.array(rows), p, step_keys, step) for p, rows in groups]
+                token, q, logprobs = (regroup(list(x), groups) for x in zip(*parts))
             tokens.append(token)
             q_draft.append(q)
             q_logprobs.append(logprobs)
@@ -72,6 +99,18 @@ class MTPProposer:
         return Proposal(
             mx.stack(tokens, axis=1), mx.stack(q_draft, axis=1), mx.stack(q_logprobs, axis=1), ids
         )
+
+    @staticmethod
+    def _sample(candidates, index: mx.array, params: SamplingParams, step_keys, step: int):
+        """Drafts of the rows `index` (equal settings): (tokens [G], q of them [G], q [G, C])."""
+        ids = None if candidates.ids is None else candidates.ids[index]
+        if params.greedy:  # the round verifies greedy rows by argmax: q is never read
+            logprobs = candidates.logits[index].astype(mx.float32)
+            token, q = sample_candidates(logprobs, ids, True)
+        else:
+            logprobs = log_probs(candidates.logits[index], params)
+            token, q = sample_candidates(logprobs, ids, False, None if step_keys is None else step_keys[index, step])
+        return token, q, logprobs
 
 
 class NGramIndex:
@@ -106,33 +145,45 @@ class NGramIndex:
         return None
 
 
-class NGramLookups:
-    """Lookups for every row of a batch, each row with its own index."""
-
-    def __init__(self):
-        self.indexes: List[NGramIndex] = []
-
-    def __call__(self, histories: List[List[int]], k: int) -> List[Optional[List[int]]]:
-        self.indexes += [NGramIndex() for _ in range(len(histories) - len(self.indexes))]
-        return [index.lookup(h, k) for index, h in zip(self.indexes, histories)]
-
-
 class NGramProposer:
     """Copies what followed the same few tokens earlier in the prompt or the output."""
 
     name = "ngram"
 
-    def __init__(self):
-        self.ngrams = NGramLookups()
+    def new_state(self) -> NGramIndex:
+        return NGramIndex()
 
-    def next_source(self, history: List[int]) -> str:
-        return self.name
+    def next_source(self, state: NGramIndex, history: List[int]) -> str:
+        return self.name if state.lookup(history, 1) is not None else "none"
 
-    def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Optional[Proposal]:
-        rows = self.ngrams(ctx.history, k)
-        if any(r is None for r in rows):
+    def propose(self, ctx: DraftContext, k: int) -> Optional[Proposal]:
+        rows = [index.lookup(h, k) for index, h in zip(ctx.states, ctx.history)]
+        if all(r is None for r in rows):
             return None
-        return deterministic(mx.array(rows))
+        proposal = deterministic(mx.array([r or [0] * k for r in rows]))
+        proposal.sources = [self.name if r is not None else "none" for r in rows]
+        return proposal
+
+    def observe(self, states, sources, accepted, committed):
+        pass
+
+
+@dataclass
+class HybridState:
+    """One row's n-gram index and live first-draft acceptance per source."""
+
+    index: NGramIndex = field(default_factory=NGramIndex)
+    # A one-round prior of 0.5 acceptance each: every row starts from the same prior.
+    rounds: dict = field(default_factory=lambda: {"mtp": 1, "ngram": 1})
+    hits: dict = field(default_factory=lambda: {"mtp": 0.5, "ngram": 0.5})
+    lookup: Optional[List[int]] = None  # the last proposal's lookup, used or not
+
+    def acceptance(self, source: str) -> float:
+        """Share of its rounds whose first draft was accepted."""
+        return self.hits[source] / self.rounds[source]
+
+    def use_lookup(self) -> bool:
+        return self.acceptance("ngram") >= self.acceptance("mtp")
 
 
 class HybridProposer:
@@ -143,51 +194,42 @@ class HybridProposer:
 
     def __init__(self, mtp: MTPProposer):
         self.mtp = mtp
-        self.ngrams = NGramLookups()
-        self.reset()
 
-    def reset(self):
-        """Forget live acceptance: each generation starts from the same prior."""
-        self.rounds = {"mtp": 1, "ngram": 1}  # a one-round prior of 0.5 acceptance each
-        self.hits = {"mtp": 0.5, "ngram": 0.5}
-        self.lookups = None  # the last proposal's lookups, used or not
+    def new_state(self) -> HybridState:
+        return HybridState()
 
-    def acceptance(self, source: str) -> float:
-        """Share of its rounds whose first draft was accepted."""
-        return self.hits[source] / self.rounds[source]
-
-    def next_source(self, history: List[int]) -> str:
-        if self.acceptance("ngram") >= self.acceptance("mtp") and self.ngrams([history], 1)[0] is not None:
+    def next_source(self, state: HybridState, history: List[int]) -> str:
+        if state.use_lookup() and state.index.lookup(history, 1) is not None:
             return "ngram"
         return "mtp"
 
-    def propose(self, ctx: DraftContext, k: int, params: SamplingParams) -> Proposal:
-        self.lookups = self.ngrams(ctx.history, k)
-        lookups = self.lookups
-        if self.acceptance("ngram") < self.acceptance("mtp"):
-            lookups = [None] * len(lookups)
+    def propose(self, ctx: DraftContext, k: int) -> Proposal:
+        lookups = []
+        for state, history in zip(ctx.states, ctx.history):
+            state.lookup = state.index.lookup(history, k)
+            lookups.append(state.lookup if state.use_lookup() else None)
         if all(r is not None for r in lookups):
             proposal = deterministic(mx.array(lookups))
         else:
-            proposal = self.mtp.propose(ctx, k, params)
+            proposal = self.mtp.propose(ctx, k)
             if any(r is not None for r in lookups):
                 proposal = _overlay(proposal, lookups, self.mtp.drafter.vocab_size)
         proposal.sources = ["ngram" if r is not None else "mtp" for r in lookups]
         return proposal
 
-    def observe(self, sources: List[str], accepted: List[int], committed: List[List[int]]):
+    def observe(self, states, sources: List[str], accepted: List[int], committed: List[List[int]]):
         """Count each row's first draft. A lookup that went unused is scored too, against the
         token the target committed: that token is distributed as the target's p, so a match
         happens with the probability the lookup's first draft would have been accepted. A
         source switched off thus keeps being measured and can win back its rounds."""
-        lookups, self.lookups = self.lookups or [None] * len(sources), None
-        for source, n, tokens, lookup in zip(sources, accepted, committed, lookups):
-            if source in self.rounds:
-                self.rounds[source] += 1
-                self.hits[source] += n > 0
+        for state, source, n, tokens in zip(states, sources, accepted, committed):
+            lookup, state.lookup = state.lookup, None
+            if source in state.rounds:
+                state.rounds[source] += 1
+                state.hits[source] += n > 0
             if source != "ngram" and lookup is not None:
-                self.rounds["ngram"] += 1
-                self.hits["ngram"] += lookup[0] == tokens[0]
+                state.rounds["ngram"] += 1
+                state.hits["ngram"] += lookup[0] == tokens[0]
 
 
 def _overlay(proposal: Proposal, lookups, vocab_size: int) -> Proposal:

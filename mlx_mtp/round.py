@@ -1,42 +1,32 @@
 """The speculative round: draft K, verify K + 1 in one target forward, accept, roll back.
 
-A `Sequence` is the decoding state of one conversation: the target's cache holds every
-committed token but the newest, which waits (with the hidden state that produced it) to be
-fed at the start of the next forward. Rejected drafts are trimmed from the cache before
-anything else reads it. One host sync per round: the accept decision.
+A round runs for rows that share one batch cache (`cache.BatchCache`, one row or many).
+Each row's cache holds every committed token but its newest, which waits (with the hidden
+state that produced it) to be fed at the start of the next forward. Each row drafts up to
+its own count and commits its own accepted prefix; rejected drafts are trimmed before
+anything else reads the cache. One host sync per round: the accept decision.
+
+A round commits or changes nothing: if anything raises before the decision is taken, every
+row's cache position is put back where the round found it.
 """
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import mlx.core as mx
 
-from .cache import trim
 from .proposers import DraftContext, Proposer
-from .sampling import Proposal, SamplingParams, accept_greedy, accept_sampled, log_probs
+from .sampling import Proposal, accept
 from .target import Target
-
-PREFILL_STEP = 2048
-
-
-@dataclass
-class Sequence:
-    cache: list
-    tokens: list = field(default_factory=list)  # committed ids; tokens[-1] has no KV yet
-    carry: Optional[mx.array] = None  # [1, 1, H] hidden state that produced tokens[-1]
-
-    @property
-    def cached(self) -> int:
-        """Number of positions in the target cache."""
-        return max(len(self.tokens) - 1, 0)
 
 
 @dataclass
 class RoundResult:
-    committed: list  # ids committed this round, in order
-    drafted: list  # ids proposed this round
-    accepted: int  # how many proposed ids the target accepted
+    committed: List[int]  # ids committed this round, in order
+    drafted: List[int]  # the row's proposed ids, none past a stop id that ended the row
+    accepted: int  # how many of `drafted` were accepted and committed
     source: str  # who proposed ("mtp", "ngram", or "none")
+    carry: mx.array  # [1, 1, H] hidden state that produced committed[-1]
 
 
 def commit_length(tokens: list, limit: int, stop_ids) -> int:
@@ -47,78 +37,86 @@ def commit_length(tokens: list, limit: int, stop_ids) -> int:
     return min(len(tokens), limit)
 
 
-def pick_token(logits: mx.array, params: SamplingParams) -> mx.array:
-    if params.greedy:
-        return mx.argmax(logits, axis=-1)
-    return mx.random.categorical(log_probs(logits, params))
+def run_round(target: Target, proposer: Optional[Proposer], rows: list, cache: list, counts: List[int],
+              limits: List[int]) -> List[RoundResult]:
+    """One round for `rows` (in the cache's row order): row i drafts up to counts[i] tokens
+    and commits between 1 and min(counts[i] + 1, limits[i]) of them. Each row has `tokens`,
+    `carry`, `params`, `state` (its proposer state), `stop_ids` and `round_keys()` ([3, 2] or
+    None for a greedy row)."""
+    saved = [list(c.positions) for c in cache]
+    try:
+        keys = round_keys(rows)  # [B, 3, 2]: per row, keys of its drafts, accept draws, last token
+        position = rows[0].position if len(rows) == 1 else mx.array([r.position for r in rows])
+        ctx = DraftContext(
+            mx.array([r.tokens[-1] for r in rows]),
+            mx.concatenate([r.carry for r in rows]),
+            position,
+            None,
+            [r.tokens for r in rows],
+            [r.params for r in rows],
+            [r.state for r in rows],
+            None if keys is None else keys[:, 0],
+        )
+        proposal, hidden, accepted, out = draft_and_verify(
+            target, proposer, ctx, cache, counts, None if keys is None else keys[:, 1:]
+        )
+    except BaseException:
+        for c, positions in zip(cache, saved):
+            c.positions = positions
+        raise
 
-
-def prefill(target: Target, seq: Sequence, prompt: list, params: SamplingParams) -> int:
-    """Read the prompt (after the pending token of an earlier turn) and commit one token."""
-    tokens = seq.tokens[-1:] + list(prompt) if seq.tokens else list(prompt)
-    inputs = mx.array(tokens)[None]
-    while inputs.shape[1] > PREFILL_STEP:
-        target.hidden(inputs[:, :PREFILL_STEP], seq.cache)
-        mx.eval([c.state for c in seq.cache])
-        inputs = inputs[:, PREFILL_STEP:]
-    hidden = target.hidden(inputs, seq.cache)[:, -1:]
-    token = pick_token(target.logits(hidden)[:, 0], params)
-    mx.eval(token, hidden)
-    seq.tokens += list(prompt) + [token.item()]
-    seq.carry = hidden
-    return seq.tokens[-1]
-
-
-def run_round(
-    target: Target,
-    proposer: Optional[Proposer],
-    seq: Sequence,
-    k: int,
-    params: SamplingParams,
-    limit: int,
-    stop_ids=(),
-) -> RoundResult:
-    """One round committing between 1 and min(k + 1, limit) tokens."""
-    ctx = DraftContext(mx.array(seq.tokens[-1:]), seq.carry, seq.cached, None, [seq.tokens])
-    proposal, hidden, accepted, out = draft_and_verify(target, proposer, ctx, seq.cache, k, params)
     k = proposal.k
+    drafts = proposal.tokens.tolist()
+    results, cuts = [], []
+    for i, row in enumerate(rows):
+        n = accepted[i]
+        cut = commit_length(out[i][: n + 1], limits[i], row.stop_ids)
+        source = proposal.sources[i]
+        if cut <= n:  # a stop id among the accepted drafts: those past it never count
+            drafted, n = drafts[i][:cut], cut
+        else:
+            drafted = drafts[i][: proposal.counts[i]]
+        results.append(RoundResult(out[i][:cut], drafted, n, source, hidden[i : i + 1, cut - 1 : cut]))
+        cuts.append(cut)
+    for c in cache:
+        c.trim_rows([k + 1 - cut for cut in cuts])
+    if k > 0 and proposer is not None:
+        proposer.observe(ctx.states, proposal.sources, [r.accepted for r in results], [r.committed for r in results])
+    return results
 
-    n = accepted.item()
-    committed = out[0, : n + 1].tolist()
-    cut = commit_length(committed, limit, stop_ids)
-    trim(seq.cache, k + 1 - cut)
-    seq.carry = hidden[:, cut - 1 : cut]
-    seq.tokens += committed[:cut]
-    sources = report(proposer, proposal, [n], [committed])
-    return RoundResult(committed[:cut], proposal.tokens[0].tolist(), n, sources[0])
+
+def round_keys(rows: list) -> Optional[mx.array]:
+    """[B, 3, 2]: each row's keys for this round (zeros for greedy rows), or None if all
+    rows are greedy."""
+    keys = [row.round_keys() for row in rows]
+    if all(k is None for k in keys):
+        return None
+    greedy = mx.zeros((3, 2), mx.uint32)
+    return mx.stack([greedy if k is None else k for k in keys])
 
 
-def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, k: int, params: SamplingParams):
-    """Propose up to k tokens per row (ctx.token [B]) and verify [token, drafts] in one
-    target forward. Returns the proposal, hidden [B, K + 1, H], the accepted count [B] and
-    the target's tokens [B, K + 1], evaluated: the round's one host sync."""
+def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts: List[int],
+                     accept_keys: Optional[mx.array]):
+    """Propose up to max(counts) tokens per row and verify [token, drafts] in one target
+    forward. Returns the proposal (with per-row `counts` and `sources`), hidden [B, K + 1, H],
+    and, evaluated in the round's one host sync, the accepted counts and the target's tokens
+    [B, K + 1] as lists."""
+    B, k = len(counts), max(counts)
     proposal = None
     if k > 0 and proposer is not None:
         ctx.shared_kv = target.shared_kv(cache)
-        proposal = proposer.propose(ctx, k, params)
+        proposal = proposer.propose(ctx, k)
     if proposal is None:
-        proposal = Proposal(mx.zeros((ctx.token.shape[0], 0), mx.int32))
+        proposal = Proposal(mx.zeros((B, 0), mx.int32))
+        counts = [0] * B
+    sources = proposal.sources or [proposer.name] * B
+    if proposal.k:  # rows the proposer had nothing for draft nothing
+        counts = [0 if s == "none" else n for s, n in zip(sources, counts)]
+    proposal.counts = counts
+    proposal.sources = [s if n else "none" for s, n in zip(sources, counts)]
+
     hidden = target.hidden(mx.concatenate([ctx.token[:, None], proposal.tokens], axis=1), cache)
     logits = target.logits(hidden)  # [B, K + 1, V]
-    if params.greedy:
-        accepted, out = accept_greedy(logits, proposal.tokens)
-    else:
-        accepted, out = accept_sampled(log_probs(logits, params), proposal)
+    accepted, out = accept(logits, proposal, counts, ctx.params, accept_keys)
     mx.eval(accepted, out, proposal.tokens)
-    return proposal, hidden, accepted, out
-
-
-def report(proposer, proposal: Proposal, accepted: list, committed: list) -> list:
-    """Per-row sources of a round's proposal; tells the proposer what was accepted and
-    committed (per row: accepted count, committed ids)."""
-    if proposal.k == 0:
-        return ["none"] * len(accepted)
-    sources = proposal.sources or [proposer.name] * len(accepted)
-    if hasattr(proposer, "observe"):
-        proposer.observe(sources, accepted, committed)
-    return sources
+    return proposal, hidden, accepted.tolist(), out.tolist()

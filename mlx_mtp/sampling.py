@@ -65,17 +65,26 @@ class Proposal:
     q_logprobs: Optional[mx.array] = None
     q_ids: Optional[mx.array] = None
     sources: Optional[List[str]] = None  # per row, who proposed (a hybrid mixes them)
+    counts: Optional[List[int]] = None  # per row, how many drafts are verified (set by the round)
 
     @property
     def k(self) -> int:
         return self.tokens.shape[1]
 
+    def rows(self, index: mx.array, k: int) -> "Proposal":
+        """These rows' first k proposals, as a proposal of their own."""
+        pick = lambda a: None if a is None else a[index, :k]
+        return Proposal(self.tokens[index, :k], pick(self.q_draft), pick(self.q_logprobs), pick(self.q_ids))
 
-def accept_greedy(target_logits: mx.array, drafts: mx.array):
-    """[B, K+1, V], [B, K] -> accepted count [B], and the target's own tokens [B, K+1]."""
+
+def accept_greedy(target_logits: mx.array, drafts: mx.array, counts: Optional[mx.array] = None):
+    """[B, K+1, V], [B, K] -> accepted count [B], and the target's own tokens [B, K+1].
+    counts [B]: row i considers only its first counts[i] drafts (None: all K)."""
     target = mx.argmax(target_logits, axis=-1)
     k = drafts.shape[1]
     matches = drafts == target[:, :k]
+    if counts is not None:
+        matches = matches & (mx.arange(k)[None] < counts[:, None])
     accepted = mx.cumprod(matches.astype(mx.int32), axis=1).sum(axis=1)
     return accepted, target
 
@@ -92,21 +101,37 @@ def _residual(p: mx.array, q_probs: mx.array, q_ids: Optional[mx.array]) -> mx.a
     return mx.where(total > 0, r / mx.maximum(total, 1e-30), p)
 
 
-def accept_sampled(target_logprobs: mx.array, proposal: Proposal):
+def uniform(rows: int, shape: tuple, keys: Optional[mx.array]) -> mx.array:
+    """[rows, *shape] uniform draws, row i from keys[i] (None: the global stream)."""
+    if keys is None:
+        return mx.random.uniform(shape=(rows, *shape))
+    return mx.vmap(lambda key: mx.random.uniform(shape=shape, key=key))(keys)
+
+
+def categorical(logprobs: mx.array, keys: Optional[mx.array]) -> mx.array:
+    """One id per row of [B, C] log-probs, row i drawn from keys[i] (None: the global stream)."""
+    if keys is None:
+        return mx.random.categorical(logprobs)
+    return mx.vmap(lambda x, key: mx.random.categorical(x, key=key))(logprobs, keys)
+
+
+def accept_sampled(target_logprobs: mx.array, proposal: Proposal, keys: Optional[mx.array] = None):
     """Speculative sampling over rows.
 
     target_logprobs [B, K+1, V] are processed p. Accept d_i with prob min(1, p_i/q_i); at the
     first rejection sample from normalize(max(0, p - q)); if all K pass, sample the bonus
     token from p_K. Returns accepted count [B] and tokens [B, K+1] whose first
-    `accepted + 1` entries are committed.
+    `accepted + 1` entries are committed. keys [B, 2, 2]: per row, the keys of its accept
+    draws and of its final token (None: the global stream).
     """
+    u_keys, pick_keys = (None, None) if keys is None else (keys[:, 0], keys[:, 1])
     drafts = proposal.tokens
     B, k = drafts.shape
     if k == 0:
-        return mx.zeros((B,), mx.int32), mx.random.categorical(target_logprobs[:, 0])[:, None]
+        return mx.zeros((B,), mx.int32), categorical(target_logprobs[:, 0], pick_keys)[:, None]
     p = mx.exp(target_logprobs)
     p_draft = mx.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, K]
-    u = mx.random.uniform(shape=(B, k))
+    u = uniform(B, (k,), u_keys)
     accepted = mx.cumprod((u * proposal.q_draft < p_draft).astype(mx.int32), axis=1).sum(axis=1)
 
     row = accepted[:, None, None]
@@ -117,15 +142,60 @@ def accept_sampled(target_logprobs: mx.array, proposal: Proposal):
     if proposal.q_ids is not None:
         ids_n = mx.take_along_axis(proposal.q_ids, at, axis=1)[:, 0]
     dist = mx.where(accepted[:, None] < k, _residual(p_n, q_n, ids_n), p_n)
-    last = mx.random.categorical(mx.log(dist))  # [B]
+    last = categorical(mx.log(dist), pick_keys)  # [B]
     tokens = mx.concatenate([drafts, last[:, None]], axis=1)
     tokens = mx.put_along_axis(tokens, accepted[:, None], last[:, None], axis=1)
     return accepted, tokens
 
 
-def sample_candidates(q_logprobs: mx.array, ids: Optional[mx.array], greedy: bool):
-    """Pick one token per row from q [B, C]: (token ids [B], q of the token [B])."""
-    index = mx.argmax(q_logprobs, axis=-1) if greedy else mx.random.categorical(q_logprobs)
+def group_rows(settings: list) -> List[tuple]:
+    """Rows with equal settings, as (setting, row indices), in order of first appearance."""
+    groups = {}
+    for r, s in enumerate(settings):
+        groups.setdefault(s, []).append(r)
+    return list(groups.items())
+
+
+def regroup(parts: List[mx.array], groups: List[tuple]) -> mx.array:
+    """Concatenated per-group results [sum G, ...] back in row order."""
+    out = mx.concatenate(parts)
+    order = [r for _, rows in groups for r in rows]
+    if order == list(range(len(order))):
+        return out
+    inverse = [0] * len(order)
+    for i, r in enumerate(order):
+        inverse[r] = i
+    return out[mx.array(inverse)]
+
+
+def accept(target_logits: mx.array, proposal: Proposal, counts: List[int], params: list, keys: Optional[mx.array]):
+    """Verify every row by its own rule: accepted [B] and tokens [B, K+1].
+
+    Row i considers only its first counts[i] drafts, with its own sampling settings
+    params[i] and random keys keys[i] ([B, 2, 2], see `accept_sampled`): a row decides
+    exactly as it would alone at that K. Rows with equal settings and counts share one graph.
+    """
+    if all(p.greedy for p in params):
+        return accept_greedy(target_logits, proposal.tokens, mx.array(counts))
+    K = proposal.k
+    groups = group_rows(list(zip(params, counts)))
+    accepted, tokens = [], []
+    for (p, n), rows in groups:
+        index = mx.array(rows)
+        logits = target_logits[index, : n + 1]
+        if p.greedy:
+            a, t = accept_greedy(logits, proposal.tokens[index, :n])
+        else:
+            a, t = accept_sampled(log_probs(logits, p), proposal.rows(index, n), keys[index])
+        accepted.append(a)
+        tokens.append(mx.pad(t.astype(mx.uint32), [(0, 0), (0, K - n)]))
+    return regroup(accepted, groups), regroup(tokens, groups)
+
+
+def sample_candidates(q_logprobs: mx.array, ids: Optional[mx.array], greedy: bool, keys: Optional[mx.array] = None):
+    """Pick one token per row from q [B, C]: (token ids [B], q of the token [B]); keys [B, 2]
+    per row (None: the global stream)."""
+    index = mx.argmax(q_logprobs, axis=-1) if greedy else categorical(q_logprobs, keys)
     q = mx.exp(mx.take_along_axis(q_logprobs, index[:, None], axis=-1)[:, 0])
     if ids is not None:
         index = mx.take_along_axis(ids, index[:, None], axis=-1)[:, 0]

@@ -10,7 +10,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, SlidingKVCache, shared_kv_view
+from .cache import BatchCache, shared_kv_view
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -57,9 +57,9 @@ class Target:
         # The norm is never quantized: the dtype activations and KV arrays have.
         return self.decoder.norm.weight.dtype
 
-    def make_cache(self):
+    def make_cache(self, rows: int = 1):
         return [
-            SlidingKVCache(self.sliding_window) if kind == SLIDING else KVCache()
+            BatchCache(rows, self.sliding_window if kind == SLIDING else None)
             for kind in self.layer_types[: self.num_cached_layers]
         ]
 

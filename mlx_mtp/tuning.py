@@ -14,7 +14,6 @@ from typing import List
 
 import mlx.core as mx
 
-from .cache import trim
 from .paths import cache_home
 
 WINDOW = 32  # recent rounds that inform the acceptance estimate
@@ -41,50 +40,61 @@ def _fastest_time(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def measure_costs(pair, k_max: int, context: int = 128) -> Costs:
-    """Time target forwards over 1..k_max + 1 tokens and one drafter step, on a scratch
-    cache holding `context` positions."""
+def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
+    """Time target forwards of `rows` rows over 1..k_max + 1 tokens and one drafter step,
+    on a scratch cache holding about `context` positions per row (rows at different
+    positions, as in a live batch)."""
+    from .proposers import DraftContext
+    from .sampling import SamplingParams
+
     target = pair.target
-    cache = target.make_cache()
-    mx.eval(target.hidden(mx.arange(3, 3 + context)[None], cache))
+    cache = target.make_cache(rows)
+    mx.eval(target.hidden(mx.broadcast_to(mx.arange(3, 3 + context), (rows, context)), cache))
+    for c in cache:
+        c.trim_rows(list(range(rows)))
 
     def forward(n):
         def run():
-            mx.eval(mx.argmax(target.logits(target.hidden(mx.arange(5, 5 + n)[None], cache)), axis=-1))
-            trim(cache, n)
+            tokens = mx.broadcast_to(mx.arange(5, 5 + n), (rows, n))
+            mx.eval(mx.argmax(target.logits(target.hidden(tokens, cache)), axis=-1))
+            for c in cache:
+                c.trim_rows([n] * rows)
 
         return run
 
     costs = [_fastest_time(forward(n)) for n in range(1, k_max + 2)]
     draft = 0.0
     if pair.mtp is not None:
-        from .proposers import DraftContext
-        from .sampling import SamplingParams
-
-        carry = mx.zeros((1, 1, target.hidden_size), target.dtype)
-        ctx = DraftContext(mx.array([7]), carry, context, target.shared_kv(cache), [[7] * (context + 1)])
-        draft = _fastest_time(lambda: mx.eval(pair.mtp.propose(ctx, 1, SamplingParams()).tokens))
+        positions = cache[0].positions
+        position = positions[0] if rows == 1 else mx.array(positions)
+        carry = mx.zeros((rows, 1, target.hidden_size), target.dtype)
+        history = [[7] * (p + 1) for p in positions]
+        ctx = DraftContext(mx.array([7] * rows), carry, position, target.shared_kv(cache), history,
+                           [SamplingParams()] * rows)
+        draft = _fastest_time(lambda: mx.eval(pair.mtp.propose(ctx, 1).tokens))
     return Costs(costs, draft)
 
 
-def shape_key(pair, k_max: int) -> str:
+def shape_key(pair, k_max: int, rows: int = 1) -> str:
     """Costs depend on shapes, dtype and device, not on weights: the key of a measurement."""
     t, d = pair.target, pair.drafter
     parts = [t.model_type, t.hidden_size, len(t.layer_types), t.vocab_size, t.dtype, mx.default_device(), k_max]
     if d is not None:
         parts += [d.text_args.hidden_size, d.text_args.num_hidden_layers, d.args.use_ordered_embeddings]
+    if rows > 1:
+        parts.append(f"B{rows}")
     return "/".join(map(str, parts))
 
 
-def load_or_measure(pair, k_max: int, refresh: bool = False) -> Costs:
+def load_or_measure(pair, k_max: int, rows: int = 1, refresh: bool = False) -> Costs:
     """Measured costs, remembered on disk: the same machine and shapes give the same K
     choices, so seeded sampling repeats across runs. `refresh` measures again (the bench
     does, so a measurement spoiled by a busy moment does not stick)."""
     path = cache_home() / "costs.json"
-    key = shape_key(pair, k_max)
+    key = shape_key(pair, k_max, rows)
     known = json.loads(path.read_text()) if path.exists() else {}
     if refresh or key not in known:
-        known[key] = asdict(measure_costs(pair, k_max))
+        known[key] = asdict(measure_costs(pair, k_max, rows))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(known, indent=1))
     return Costs(**known[key])
@@ -101,28 +111,36 @@ def conditional_acceptance(drafts: List[List[int]], accepted: List[int], k_max: 
     return out
 
 
-def best_k(costs: Costs, acceptance: List[float], mtp_share: float = 1.0) -> int:
-    """argmax over K of expected committed tokens per second."""
-    best, best_rate = 0, 1.0 / costs.target[0]
-    expected, survive = 1.0, 1.0
-    for k, a in enumerate(acceptance, start=1):
-        if k >= len(costs.target):
-            break
-        survive *= a
-        expected += survive
-        rate = expected / (costs.target[k] + k * costs.draft_step * mtp_share)
+def best_k(costs: Costs, acceptance: List[List[float]], mtp_share: float = 1.0) -> int:
+    """argmax over K of expected committed tokens per second, for rows with these
+    conditional acceptance profiles verified together (costs for that many rows)."""
+    best, best_rate = 0, len(acceptance) / costs.target[0]
+    expected, survive = [1.0] * len(acceptance), [1.0] * len(acceptance)
+    for k in range(1, min(len(costs.target), 1 + max(map(len, acceptance), default=0))):
+        for r, a in enumerate(acceptance):
+            if k <= len(a):
+                survive[r] *= a[k - 1]
+                expected[r] += survive[r]
+        rate = sum(expected) / (costs.target[k] + k * costs.draft_step * mtp_share)
         if rate > best_rate:
             best, best_rate = k, rate
     return best
 
 
-def choose_k(costs: Costs, stats, k_max: int, source: str) -> int:
-    """K for the next round of a generation, proposed by `source`, from that source's own
-    rounds so far: n-gram rounds and drafter rounds accept at very different rates, and only
-    drafter rounds pay for drafter steps."""
-    recent = stats.drafts[-PROBE_EVERY:]
-    if len(recent) == PROBE_EVERY and not any(recent):
-        return 1  # plain rounds teach nothing about acceptance: probe once
-    own = [(d, a) for d, a, s in zip(stats.drafts, stats.accepted, stats.sources) if s == source]
-    drafts, accepted = [d for d, _ in own], [a for _, a in own]
-    return best_k(costs, conditional_acceptance(drafts, accepted, k_max), float(source == "mtp"))
+def choose_k(costs: Costs, stats: list, sources: List[str], k_max: int) -> int:
+    """K for the next round of rows verified together (costs measured for that many rows),
+    each with its generation's `Stats` and the source about to propose for it. Each row is
+    judged on its own source's rounds: n-gram rounds and drafter rounds accept at very
+    different rates, and only drafter rounds pay for drafter steps."""
+    profiles = []
+    for s, source in zip(stats, sources):
+        if source == "none":
+            continue  # nothing to draft for this row
+        recent = s.drafts[-PROBE_EVERY:]
+        if len(recent) == PROBE_EVERY and not any(recent):
+            return 1  # plain rounds teach nothing about acceptance: probe once
+        own = [(d, a) for d, a, src in zip(s.drafts, s.accepted, s.sources) if src == source]
+        profiles.append(conditional_acceptance([d for d, _ in own], [a for _, a in own], k_max))
+    if not profiles:
+        return 0
+    return best_k(costs, profiles, float("mtp" in sources))

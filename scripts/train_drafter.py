@@ -52,7 +52,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_mtp.batch import BatchCache
+from mlx_mtp.cache import BatchCache
 from mlx_mtp.bench import encode_prompt, load_prompts
 from mlx_mtp.embedded import GEMMA_NOTICE, ensure_target
 from mlx_mtp.generate import Pair
@@ -708,27 +708,28 @@ def plain_greedy(pair, ids, max_tokens):
 def first_drafts_everywhere(pair, proposers: dict, prompt, truth) -> dict:
     """Every position of the greedy output `truth` as a round start (the target advancing one
     token at a time): does each proposer's first draft equal the target's token there?"""
-    from mlx_mtp.generate import make_prompt_cache
+    from mlx_mtp.engine import Engine
     from mlx_mtp.proposers import DraftContext
-    from mlx_mtp.round import prefill, report, run_round
     from mlx_mtp.sampling import SamplingParams
 
-    params, seq = SamplingParams(), make_prompt_cache(pair)
-    for proposer in proposers.values():
-        if hasattr(proposer, "reset"):
-            proposer.reset()  # as every generation starts
-    prefill(pair.target, seq, prompt, params)
+    params = SamplingParams()
+    states = {name: proposer.new_state() for name, proposer in proposers.items()}  # as every generation starts
+    engine = Engine(pair, max_batch=1)
+    row = engine.add(prompt, params, max_tokens=len(truth), draft_tokens=0)
+    engine.step()  # reads the prompt and commits truth[0]
     hits = {name: [] for name in proposers}
-    for t in range(1, len(truth)):  # seq.tokens[-1] is truth[t - 1]; the first draft guesses truth[t]
-        kv = pair.target.shared_kv(seq.cache)
-        ctx = DraftContext(mx.array(seq.tokens[-1:]), seq.carry, seq.cached, kv, [seq.tokens])
+    for t in range(1, len(truth)):  # row.tokens[-1] is truth[t - 1]; the first draft guesses truth[t]
+        kv = pair.target.shared_kv(engine.cache)
+        ctx = DraftContext(mx.array(row.tokens[-1:]), row.carry, row.position, kv, [row.tokens], [params])
         for name, proposer in proposers.items():
-            proposal = proposer.propose(ctx, 1, params)
+            ctx.states = [states[name]]
+            proposal = proposer.propose(ctx, 1)
             hit = proposal is not None and proposal.tokens[0, 0].item() == truth[t]
             if proposal is not None:  # the hybrid's live per-source acceptance
-                report(proposer, proposal, [int(hit)], [truth[t:]])
+                proposer.observe(ctx.states, proposal.sources or [proposer.name], [int(hit)], [truth[t:]])
             hits[name].append(hit)
-        run_round(pair.target, None, seq, 0, params, len(truth))
+        engine.step()  # one plain round: commits truth[t]
+    engine.remove(row)
     return hits
 
 

@@ -9,7 +9,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 import mlx_mtp
-from mlx_mtp.proposers import deterministic
+from mlx_mtp.proposers import StatelessProposer, deterministic
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAIRS = {
@@ -42,14 +42,11 @@ def plain_greedy(model, prompt: list, max_tokens: int, eos=frozenset({1})) -> li
     return tokens
 
 
-class ContinuationProposer:
+class ContinuationProposer(StatelessProposer):
     """Proposes a known continuation, corrupting each token with probability `noise`:
     exercises every accept length, which a random drafter (accepting ~nothing) cannot."""
 
     name = "oracle"
-
-    def next_source(self, history):
-        return self.name
 
     def __init__(self, sequences, noise: float, seed: int = 0):
         self.sequences = [list(s) for s in sequences]
@@ -64,7 +61,7 @@ class ContinuationProposer:
             for i in range(k)
         ]
 
-    def propose(self, ctx, k, params):
+    def propose(self, ctx, k):
         return deterministic(mx.array([self._next(h, k) for h in ctx.history]))
 
 
@@ -83,24 +80,34 @@ def with_proposer():
         pair.proposer = proposer
 
 
-class NoisyTargetProposer:
+class NoisyTargetProposer(StatelessProposer):
     """Samples drafts from q = the target's own distribution with fixed logit noise: q is
-    close to p, so most drafts are accepted and most rejections land on likely tokens."""
+    close to p, so most drafts are accepted and most rejections land on likely tokens.
+    Rows of one round share their draws (rows of a sampling test are independent anyway)."""
 
     name = "noisy-target"
-
-    def next_source(self, history):
-        return self.name
 
     def __init__(self, model, noise: float, seed: int = 0):
         self.model = model
         self.noise = noise
         self.key = mx.random.key(seed)
 
-    def propose(self, ctx, k, params):
-        from mlx_mtp.sampling import Proposal, log_probs, sample_candidates
+    def propose(self, ctx, k):
+        from mlx_mtp.sampling import Proposal
 
-        history = mx.array(ctx.history)  # rows of equal length (used right after prefill)
+        rows = range(len(ctx.history))
+        by_length = {}  # rows of equal history length share one forward
+        for r in rows:
+            by_length.setdefault(len(ctx.history[r]), []).append(r)
+        parts = {}
+        for group in by_length.values():
+            out = self._propose_equal(mx.array([ctx.history[r] for r in group]), k, ctx.params[0])
+            parts.update({r: [x[i : i + 1] for x in out] for i, r in enumerate(group)})
+        return Proposal(*(mx.concatenate([parts[r][j] for r in rows]) for j in range(3)))
+
+    def _propose_equal(self, history, k, params):
+        from mlx_mtp.sampling import log_probs, sample_candidates
+
         tokens, q_draft, q_logprobs = [], [], []
         for i in range(k):
             logits = self.model(history)[:, -1]
@@ -111,4 +118,4 @@ class NoisyTargetProposer:
             q_draft.append(q)
             q_logprobs.append(logprobs)
             history = mx.concatenate([history, token[:, None]], axis=1)
-        return Proposal(mx.stack(tokens, 1), mx.stack(q_draft, 1), mx.stack(q_logprobs, 1))
+        return mx.stack(tokens, 1), mx.stack(q_draft, 1), mx.stack(q_logprobs, 1)

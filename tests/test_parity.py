@@ -12,7 +12,6 @@ import pytest
 import mlx_mtp
 from conftest import FIXTURES, load_pair
 from mlx_mtp.proposers import DraftContext
-from mlx_mtp.round import prefill
 from mlx_mtp.sampling import SamplingParams
 
 REFERENCE = np.load(FIXTURES / "reference.npz")
@@ -23,11 +22,12 @@ def first_round(name, prompt_key, k=4):
     pair = load_pair(name)
     seq = mlx_mtp.make_prompt_cache(pair)
     prompt = REFERENCE[prompt_key].tolist()
-    prefill(pair.target, seq, prompt, SamplingParams())
+    mlx_mtp.generate(pair, prompt, max_tokens=1, num_draft_tokens=0, prompt_cache=seq)  # reads the prompt
     ctx = DraftContext(
-        mx.array(seq.tokens[-1:]), seq.carry, seq.cached, pair.target.shared_kv(seq.cache), [seq.tokens]
+        mx.array(seq.tokens[-1:]), seq.carry, seq.cached, pair.target.shared_kv(seq.cache), [seq.tokens],
+        [SamplingParams()],
     )
-    return pair, seq, pair.mtp.propose(ctx, k, SamplingParams())
+    return pair, seq, pair.mtp.propose(ctx, k)
 
 
 @pytest.mark.parametrize("name, prompt", CASES)
@@ -76,14 +76,15 @@ def test_drafter_after_rollbacks_sees_only_committed_positions(name, with_propos
     assert 0 < out.stats.acceptance_rate < 1
 
     fresh = mlx_mtp.make_prompt_cache(pair)
-    prefill(pair.target, fresh, live.tokens[:-1], SamplingParams())
+    mlx_mtp.generate(pair, live.tokens[:-1], max_tokens=1, num_draft_tokens=0, prompt_cache=fresh)
     assert fresh.tokens == live.tokens
     proposals = []
     for seq in (live, fresh):
         ctx = DraftContext(
-            mx.array(seq.tokens[-1:]), seq.carry, seq.cached, pair.target.shared_kv(seq.cache), [seq.tokens]
+            mx.array(seq.tokens[-1:]), seq.carry, seq.cached, pair.target.shared_kv(seq.cache), [seq.tokens],
+            [SamplingParams()],
         )
-        proposals.append(drafter.propose(ctx, 4, SamplingParams()))
+        proposals.append(drafter.propose(ctx, 4))
     assert proposals[0].tokens.tolist() == proposals[1].tokens.tolist()
     np.testing.assert_allclose(
         np.array(proposals[0].q_logprobs), np.array(proposals[1].q_logprobs), atol=2e-4, rtol=1e-4

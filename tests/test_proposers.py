@@ -49,18 +49,21 @@ def test_hybrid_uses_lookup_where_the_output_repeats_and_stays_exact():
 def test_hybrid_names_the_next_source_before_the_round():
     pair = load_pair("e2b")
     hybrid = HybridProposer(pair.mtp)
-    assert hybrid.next_source([3, 4, 5, 3, 4]) == "ngram"  # "3 4" recurs
-    assert hybrid.next_source([3, 4, 5, 6, 7]) == "mtp"
-    hybrid.observe(["ngram"], [0], [[9]])  # the lookup's live acceptance falls below the drafter's
-    assert hybrid.next_source([3, 4, 5, 3, 4]) == "mtp"
+    state = hybrid.new_state()
+    assert hybrid.next_source(state, [3, 4, 5, 3, 4]) == "ngram"  # "3 4" recurs
+    assert hybrid.next_source(state, [3, 4, 5, 6, 7]) == "mtp"
+    hybrid.observe([state], ["ngram"], [0], [[9]])  # the lookup's live acceptance falls below the drafter's
+    assert hybrid.next_source(state, [3, 4, 5, 3, 4]) == "mtp"
+    assert hybrid.next_source(hybrid.new_state(), [3, 4, 5, 3, 4]) == "ngram"  # another row: its own
 
 
 def test_an_unused_lookup_is_still_scored_and_wins_back_its_rounds():
     pair = load_pair("e2b")
     hybrid = HybridProposer(pair.mtp)
-    hybrid.observe(["ngram"], [0], [[9]])  # one miss switches the lookup off
+    state = hybrid.new_state()
+    hybrid.observe([state], ["ngram"], [0], [[9]])  # one miss switches the lookup off
     for _ in range(3):
-        hybrid.lookups = [[7, 8]]  # what propose() found but did not use
-        hybrid.observe(["mtp"], [0], [[7]])  # the target committed the lookup's token
-    assert hybrid.rounds["ngram"] == 5 and hybrid.hits["ngram"] == 3.5
-    assert hybrid.next_source([3, 4, 5, 3, 4]) == "ngram"
+        state.lookup = [7, 8]  # what propose() found but did not use
+        hybrid.observe([state], ["mtp"], [0], [[7]])  # the target committed the lookup's token
+    assert state.rounds["ngram"] == 5 and state.hits["ngram"] == 3.5
+    assert hybrid.next_source(state, [3, 4, 5, 3, 4]) == "ngram"

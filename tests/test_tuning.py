@@ -2,7 +2,7 @@
 
 import mlx_mtp
 from conftest import ContinuationProposer, load_pair, plain_greedy, prompt_of
-from mlx_mtp.generate import Stats
+from mlx_mtp.stats import Stats
 from mlx_mtp.tuning import Costs, best_k, choose_k, conditional_acceptance
 
 GPU = Costs(target=[1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.14, 1.16], draft_step=0.03)
@@ -10,17 +10,17 @@ CPU = Costs(target=[1.0, 1.18, 1.28, 1.91, 1.99, 2.06, 2.4, 2.69, 3.0], draft_st
 
 
 def test_cheap_verification_and_good_drafts_draft_long():
-    assert best_k(GPU, [0.8] * 8) == 8
+    assert best_k(GPU, [[0.8] * 8]) == 8
 
 
 def test_cpu_costs_stop_before_the_expensive_jump():
     # Verifying 4+ tokens costs ~1.9x one token on this CPU: K stays below 3.
-    assert best_k(CPU, [0.7] * 8) == 2
+    assert best_k(CPU, [[0.7] * 8]) == 2
 
 
 def test_poor_acceptance_turns_speculation_off():
-    assert best_k(CPU, [0.05] * 8) == 0
-    assert best_k(GPU, [0.05] * 8) == 0
+    assert best_k(CPU, [[0.05] * 8]) == 0
+    assert best_k(GPU, [[0.05] * 8]) == 0
 
 
 def test_conditional_acceptance_from_rounds():
@@ -32,7 +32,7 @@ def test_conditional_acceptance_from_rounds():
 
 def test_plain_rounds_are_probed_now_and_then():
     stats = Stats(drafts=[[]] * 8, accepted=[0] * 8, sources=["none"] * 8)
-    assert choose_k(CPU, stats, 4, "mtp") == 1
+    assert choose_k(CPU, [stats], ["mtp"], 4) == 1
 
 
 def test_each_source_gets_its_own_draft_length():
@@ -44,10 +44,10 @@ def test_each_source_gets_its_own_draft_length():
         accepted=[2, 0] * rounds,
         sources=["ngram", "mtp"] * rounds,
     )
-    assert choose_k(CPU, stats, 2, "ngram") == 2
-    assert choose_k(CPU, stats, 2, "mtp") == 0
+    assert choose_k(CPU, [stats], ["ngram"], 2) == 2
+    assert choose_k(CPU, [stats], ["mtp"], 2) == 0
     pooled = Stats(drafts=stats.drafts, accepted=stats.accepted, sources=["mtp"] * rounds * 2)
-    assert choose_k(CPU, pooled, 2, "mtp") == 2  # one profile for both: drafter rounds draft too
+    assert choose_k(CPU, [pooled], ["mtp"], 2) == 2  # one profile for both: drafter rounds draft too
 
 
 def test_auto_draft_length_stays_exact(with_proposer):
@@ -57,5 +57,5 @@ def test_auto_draft_length_stays_exact(with_proposer):
     with_proposer(pair, ContinuationProposer([prompt + expected], noise=0.1))
     out = mlx_mtp.generate(pair, prompt, max_tokens=40)  # num_draft_tokens=None: auto
     assert out.tokens == expected
-    assert pair.costs is not None and len(pair.costs.target) == pair.default_draft_tokens + 1
+    assert len(pair.costs[1].target) == pair.default_draft_tokens + 1
     assert all(len(d) <= pair.default_draft_tokens for d in out.stats.drafts)

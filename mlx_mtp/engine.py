@@ -1,0 +1,375 @@
+"""The decoding engine: rows join, take speculative rounds together, and leave.
+
+A row is one sequence with everything that is its own: committed tokens, the hidden state
+that produced the newest, sampling settings, random key, limits, stop ids, proposer state,
+stats and text. `generate` is one row, `batch_generate` many, the server one per request.
+
+    engine = Engine(pair)
+    row = engine.add(prompt_ids, SamplingParams(0.7), max_tokens=64, seed=1)
+    while engine.busy:
+        for update in engine.step():  # text and ids committed this step, per row
+            ...
+
+Each step first runs one round (`round.run_round`) for the live rows, then reads waiting
+prompts, each on its own cache in chunks (at most PREFILL_STEP ids a step), so no other row
+is disturbed. A row whose prompt is read commits its first token and joins the next round;
+a finished row leaves at once, and hands its conversation back to its `PromptCache`.
+
+What a row guarantees:
+- greedy rows give exactly their solo greedy output, whatever shares the batch;
+- a sampled row draws only from its own key, split per round: at a fixed K, a row seeded s
+  gives exactly the tokens of a solo run seeded s, whatever shares the batch and whenever
+  it joined (with K chosen per round, K depends on the batch and only the distribution is
+  the target's own);
+- a step that raises leaves every cache and row as they were before that round (a prompt
+  being read is dropped, its conversation untouched).
+"""
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from numbers import Integral
+from typing import List, Optional
+
+import mlx.core as mx
+
+from .cache import MAX_DRAFT_TOKENS
+from .round import run_round
+from .sampling import SamplingParams, categorical, group_rows, log_probs, regroup
+from .stats import BatchStats, Stats
+from .tuning import choose_k
+
+PREFILL_STEP = 2048  # prompt ids read per step, in one forward
+
+
+@dataclass
+class PromptCache:
+    """A conversation between calls: its committed ids, the hidden state that produced the
+    newest, and the target cache of every committed position but the newest. A row starting
+    from it reads only new ids, and hands it back updated when it ends (also when stopped
+    early or by an exception: then with what was committed until then)."""
+
+    cache: Optional[list] = None  # per cached layer: a one-row BatchCache
+    tokens: List[int] = field(default_factory=list)
+    carry: Optional[mx.array] = None  # [1, 1, H]
+    busy: bool = False  # lent to a live row
+
+    @property
+    def cached(self) -> int:
+        """Number of positions in the target cache."""
+        return max(len(self.tokens) - 1, 0)
+
+
+@dataclass
+class Update:
+    """What one step committed for one row."""
+
+    row: "Row"
+    tokens: List[int]
+    text: str
+    finish_reason: Optional[str]  # "stop", "length", or None while the row goes on
+
+
+class Row:
+    def __init__(self, prompt, conversation: PromptCache, params, key, max_tokens, stop_ids, draft_tokens, state,
+                 detokenizer):
+        self.prompt = prompt  # ids to read after the conversation's
+        self.conversation = conversation
+        self.tokens = list(conversation.tokens)  # committed ids; tokens[-1] has no KV yet
+        self.carry = conversation.carry  # [1, 1, H] hidden state that produced tokens[-1]
+        self.cache = [c.copy() for c in conversation.cache] if conversation.cache else None  # while reading
+        self.read = 0  # prompt ids read so far
+        self.params: SamplingParams = params
+        self.key = key  # None for greedy rows
+        self.max_tokens = max_tokens
+        self.stop_ids = stop_ids
+        self.draft_tokens = draft_tokens  # fixed K, or None: chosen per round
+        self.state = state  # the proposer's state for this row
+        self.detokenizer = detokenizer
+        self.generated: List[int] = []
+        self.stats = Stats(prompt_tokens=len(prompt))
+        self.finish_reason: Optional[str] = None
+        self.started = 0.0  # when the first token was committed
+
+    @property
+    def position(self) -> int:
+        """Position of the newest committed token (the next one the target reads)."""
+        return len(self.tokens) - 1
+
+    @property
+    def remaining(self) -> int:
+        return self.max_tokens - len(self.generated)
+
+    def round_keys(self) -> Optional[mx.array]:
+        """[3, 2]: keys of this round's drafts, accept draws and last token (None: greedy)."""
+        return None if self.key is None else mx.random.split(self.key, 4)[1:]
+
+    def commit(self, tokens: List[int], carry: mx.array) -> str:
+        """Commit ids; returns their text (the detokenizer holds back partial characters)."""
+        if self.key is not None:
+            self.key = mx.random.split(self.key, 4)[0]
+        self.tokens += tokens
+        self.generated += tokens
+        self.carry = carry
+        self.stats.generation_tokens += len(tokens)
+        if tokens[-1] in self.stop_ids:
+            self.finish_reason = "stop"
+        elif self.remaining <= 0:
+            self.finish_reason = "length"
+        self.stats.generation_time = time.perf_counter() - self.started
+        if self.detokenizer is None:
+            return ""
+        for t in tokens:
+            if t not in self.stop_ids:
+                self.detokenizer.add_token(t)
+        if self.finish_reason:
+            self.detokenizer.finalize()
+        return self.detokenizer.last_segment
+
+
+class Engine:
+    def __init__(self, pair, max_batch: Optional[int] = None):
+        self.pair = pair
+        self.max_batch = max_batch or 8
+        self.rows: List[Row] = []  # live rows, in the batch cache's row order
+        self.cache: Optional[list] = None  # per cached layer: BatchCache of the live rows
+        self.waiting: deque = deque()  # rows whose prompt is still being read
+        self.stats = BatchStats()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def add(
+        self,
+        prompt: List[int],
+        params: SamplingParams = SamplingParams(),
+        max_tokens: int = 256,
+        seed: Optional[int] = None,
+        draft_tokens: Optional[int] = None,
+        stop_ids=None,
+        prompt_cache: Optional[PromptCache] = None,
+    ) -> Row:
+        """Queue a row: token ids to read (after the prompt cache's conversation, if any).
+
+        draft_tokens: K every round (0: plain decoding), or None to choose K per round
+        from measured costs and the live acceptance, up to the pair's default."""
+        prompt = check_token_ids(prompt, self.pair.target.vocab_size)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if draft_tokens is not None and not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {draft_tokens}")
+        conversation = prompt_cache if prompt_cache is not None else PromptCache()  # else: thrown away
+        if conversation.busy:
+            raise ValueError("this prompt cache is in use by another generation")
+        needed = len(conversation.tokens) + len(prompt)
+        context = self.pair.target.max_positions
+        if context and needed >= context:
+            raise ValueError(f"the prompt needs {needed} positions but the target's context is {context}")
+        if context:
+            max_tokens = min(max_tokens, context - needed)
+        key = None
+        if not params.greedy:
+            key = mx.random.key(seed if seed is not None else mx.random.randint(0, 2**31 - 1).item())
+        proposer = self.pair.proposer
+        tokenizer = self.pair.tokenizer
+        row = Row(
+            prompt,
+            conversation,
+            params,
+            key,
+            max_tokens,
+            frozenset(self.pair.eos_ids if stop_ids is None else stop_ids),
+            draft_tokens,
+            proposer.new_state() if proposer is not None else None,
+            tokenizer.detokenizer if tokenizer is not None else None,
+        )
+        row.keeps_conversation = prompt_cache is not None
+        conversation.busy = True
+        self.waiting.append(row)
+        return row
+
+    def remove(self, row: Row):
+        """Take a row out now (finished or not), handing back its conversation."""
+        if row in self.waiting:
+            self.waiting.remove(row)
+            row.conversation.busy = False
+        elif row in self.rows:
+            self._leave([row])
+
+    def step(self) -> List[Update]:
+        """One round for the live rows, then up to PREFILL_STEP prompt ids of waiting rows."""
+        updates = []
+        if self.rows:
+            updates += self._round()
+        tic = time.perf_counter()
+        budget, fresh, read = PREFILL_STEP, [], []
+        try:
+            while self.waiting and budget > 0 and len(self.rows) + len(fresh) + len(read) < self.max_batch:
+                row = self.waiting[0]
+                if not row.stats.prompt_time:
+                    row.stats.prompt_time = -tic  # until its first token
+                if not row.tokens and row.read == 0 and len(row.prompt) <= budget:
+                    fresh.append(self.waiting.popleft())  # read below, with others of its length
+                    budget -= len(row.prompt)
+                    continue
+                budget -= self._read(row, budget)
+                if row.read < len(row.prompt):
+                    mx.eval([c.keys for c in row.cache])  # one chunk at a time
+                    break
+                read.append((self.waiting.popleft(),))
+            updates += self._first_tokens(read + self._read_fresh(fresh))
+        except BaseException:
+            for row in fresh + [r for group in read for r in group] + list(self.waiting)[:1]:
+                self.remove(row)
+                row.conversation.busy = False  # dropped, the conversation untouched
+            raise
+        finally:
+            self.stats.prompt_time += time.perf_counter() - tic
+        return updates
+
+    def _read(self, row: Row, budget: int) -> int:
+        """Read up to `budget` more prompt ids of a waiting row, on its own cache (lazily)."""
+        target = self.pair.target
+        if row.cache is None:
+            row.cache = target.make_cache()
+        # The pending token of an earlier turn is read first.
+        pending = row.tokens[-1:] if row.tokens and row.read == 0 else []
+        n = min(budget, len(row.prompt) - row.read)
+        hidden = target.hidden(mx.array(pending + row.prompt[row.read : row.read + n])[None], row.cache)
+        row.read += n
+        row.carry = hidden[:, -1:]
+        return n
+
+    def _read_fresh(self, rows: List[Row]) -> List[tuple]:
+        """Read new rows' prompts, those of one length in one forward (no padding: every
+        row of the forward is at the same positions). Returns the groups."""
+        groups = []
+        for _, index in group_rows([len(r.prompt) for r in rows]):
+            group = tuple(rows[i] for i in index)
+            cache = self.pair.target.make_cache(len(group))
+            hidden = self.pair.target.hidden(mx.array([r.prompt for r in group]), cache)
+            for i, row in enumerate(group):
+                row.read, row.carry = len(row.prompt), hidden[i : i + 1, -1:]
+            group[0].cache = cache  # the group's rows join together
+            groups.append(group)
+        return groups
+
+    def _first_tokens(self, groups: List[tuple]) -> List[Update]:
+        """The token after each prompt (one evaluation for all); each group of rows read
+        together joins the batch, and rows that token finished leave it at once."""
+        tokens = []
+        for group in groups:
+            logits = self.pair.target.logits(mx.concatenate([r.carry for r in group]))[:, 0]  # [G, V]
+            settings = group_rows([r.params for r in group])
+            parts = []
+            for params, index in settings:
+                x = logits[mx.array(index)]
+                if params.greedy:
+                    parts.append(mx.argmax(x, axis=-1))
+                else:
+                    keys = mx.stack([group[i].round_keys()[2] for i in index])
+                    parts.append(categorical(log_probs(x, params), keys))
+            tokens.append(regroup(parts, settings))
+        mx.eval(tokens, [r.carry for group in groups for r in group])
+        updates, finished = [], []
+        for group, ids in zip(groups, tokens):
+            for row, token in zip(group, ids.tolist()):
+                row.tokens += row.prompt
+                row.started = time.perf_counter()
+                row.stats.prompt_time += row.started
+                text = row.commit([token], row.carry)
+                updates.append(Update(row, [token], text, row.finish_reason))
+                if row.finish_reason:
+                    finished.append(row)
+            self._join(group)
+        self.stats.generation_tokens += len(updates)
+        if finished:
+            self._leave(finished)
+        return updates
+
+    def _join(self, rows: tuple):
+        """Rows read together (their cache held by the first) join the batch."""
+        if self.cache is None:
+            self.cache = rows[0].cache
+        else:
+            for mine, theirs in zip(self.cache, rows[0].cache):
+                mine.extend(theirs)
+        rows[0].cache = None
+        self.rows += rows
+
+    def _leave(self, rows: List[Row]):
+        """Finished rows free their slots; each hands back its conversation."""
+        if len(rows) == len(self.rows):
+            if len(rows) == 1:  # the only row keeps the batch cache as it is
+                self._hand_back(rows[0], self.cache)
+            else:
+                for i, row in enumerate(self.rows):
+                    self._hand_back(row, [c.extract(i) for c in self.cache] if row.keeps_conversation else None)
+            self.rows, self.cache = [], None
+            return
+        for row in rows:
+            i = self.rows.index(row)
+            self._hand_back(row, [c.extract(i) for c in self.cache] if row.keeps_conversation else None)
+        keep = [i for i, row in enumerate(self.rows) if row not in rows]
+        for c in self.cache:
+            c.keep_rows(keep)
+        self.rows = [self.rows[i] for i in keep]
+
+    @staticmethod
+    def _hand_back(row: Row, cache: list):
+        conversation = row.conversation
+        conversation.busy = False
+        if row.keeps_conversation:
+            conversation.cache, conversation.tokens, conversation.carry = cache, row.tokens, row.carry
+            mx.eval([(c.keys, c.values) for c in cache])  # a copy of its own, not a view of the batch
+
+    def _round(self) -> List[Update]:
+        tic = time.perf_counter()
+        rows = self.rows
+        counts = self._draft_counts(rows)
+        results = run_round(self.pair.target, self.pair.proposer, rows, self.cache, counts,
+                            [r.remaining for r in rows])
+        updates = []
+        for row, result in zip(rows, results):
+            text = row.commit(result.committed, result.carry)
+            row.stats.add_round(result.drafted, result.accepted, result.source, len(result.committed))
+            updates.append(Update(row, result.committed, text, row.finish_reason))
+        self.stats.rounds += 1
+        self.stats.live_rows.append(len(rows))
+        self.stats.draft_tokens.append(max(counts))
+        self.stats.generation_tokens += sum(len(r.committed) for r in results)
+        finished = [row for row in rows if row.finish_reason]
+        if finished:
+            self._leave(finished)
+        self.stats.generation_time += time.perf_counter() - tic
+        return updates
+
+    def _draft_counts(self, rows: List[Row]) -> List[int]:
+        """Per row, drafts this round: its fixed K, or for the others one K chosen from the
+        measured costs of a forward over these rows and their live acceptance."""
+        pair = self.pair
+        if pair.proposer is None:
+            return [0] * len(rows)
+        auto = [r for r in rows if r.draft_tokens is None]
+        k_auto = 0
+        if auto and pair.default_draft_tokens > 0:
+            sources = [pair.proposer.next_source(r.state, r.tokens) for r in auto]
+            costs = pair.draft_costs(len(rows))
+            k_auto = choose_k(costs, [r.stats for r in auto], sources, pair.default_draft_tokens)
+        return [min(k_auto if r.draft_tokens is None else r.draft_tokens, r.remaining - 1) for r in rows]
+
+
+def check_token_ids(ids, vocab_size: int) -> List[int]:
+    """Prompt ids as Python ints, each checked against the vocabulary (MLX does not
+    bounds-check an embedding lookup: an id past it reads or crashes out of bounds)."""
+    out = []
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, Integral):
+            raise ValueError(f"token ids must be integers, got {t!r}")
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"token id {t} is outside the vocabulary (0..{vocab_size - 1})")
+        out.append(int(t))
+    if not out:
+        raise ValueError("the prompt is empty")
+    return out
