@@ -183,7 +183,8 @@ def benchmark(
         # Measured afresh, and for every batch size a batch passes through as its rows
         # finish, before anything is timed.
         most = max(task.setting.batch or 1 for task in tasks)
-        pair.costs = {b: load_or_measure(pair, pair.default_draft_tokens, b, refresh=True) for b in range(1, most + 1)}
+        sizes = [1 << i for i in range((2 * most - 1).bit_length())]  # the powers of two up to `most` and past it
+        pair.costs = {b: load_or_measure(pair, pair.default_draft_tokens, b, refresh=True) for b in sizes}
     for task in first.values():
         run_baseline(pair, task, WARMUP_TOKENS, warm, seed)
         run_mtp(pair, task, WARMUP_TOKENS, warm, seed)

@@ -16,7 +16,7 @@ from .loading import LoadError, load_pair
 from .proposers import HybridProposer, MTPProposer, NGramProposer
 from .sampling import SamplingParams
 from .stats import BatchStats, Stats
-from .tuning import load_or_measure
+from .tuning import Costs, interpolate_costs, load_or_measure
 
 
 @dataclass
@@ -28,14 +28,18 @@ class Pair:
     name: str = ""
     default_draft_tokens: int = 4
 
-    costs: dict = field(default_factory=dict, repr=False)  # rows -> Costs, measured once, for auto K
+    costs: dict = field(default_factory=dict, repr=False)  # rows (a power of two) -> Costs, for auto K
 
-    def draft_costs(self, rows: int = 1):
-        """Measured costs of target forwards over `rows` rows and of drafter steps, for
-        choosing K (once per pair and batch size)."""
-        if rows not in self.costs:
-            self.costs[rows] = load_or_measure(self, self.default_draft_tokens, rows)
-        return self.costs[rows]
+    def draft_costs(self, rows: int = 1) -> Costs:
+        """Costs of target forwards over `rows` rows and of drafter steps, for choosing K:
+        measured once per pair at powers of two, interpolated between them."""
+
+        def measured(b: int) -> Costs:
+            if b not in self.costs:
+                self.costs[b] = load_or_measure(self, self.default_draft_tokens, b)
+            return self.costs[b]
+
+        return interpolate_costs(measured, rows)
 
     def __post_init__(self):
         # The drafter alone (`mtp`), and the default: n-gram lookup where the context

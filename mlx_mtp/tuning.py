@@ -100,6 +100,19 @@ def load_or_measure(pair, k_max: int, rows: int = 1, refresh: bool = False) -> C
     return Costs(**known[key])
 
 
+def interpolate_costs(measured, rows: int) -> Costs:
+    """Costs for `rows` rows, linear between the powers of two around it: `measured(b)`
+    gives (and remembers) a measurement for b rows, so a batch that shrinks row by row
+    costs log2(B) measurements, not B."""
+    low = 1 << (rows.bit_length() - 1)
+    if low == rows:
+        return measured(rows)
+    a, b = measured(low), measured(2 * low)
+    w = (rows - low) / low
+    target = [x + w * (y - x) for x, y in zip(a.target, b.target)]
+    return Costs(target, a.draft_step + w * (b.draft_step - a.draft_step))
+
+
 def conditional_acceptance(drafts: List[List[int]], accepted: List[int], k_max: int) -> List[float]:
     """a_i = P(draft i accepted | drafts before it accepted), over the recent rounds."""
     drafts, accepted = drafts[-WINDOW:], accepted[-WINDOW:]

@@ -1,0 +1,298 @@
+"""The engine: rows join and leave between rounds, each exact and reproducible on its own;
+a round or a prefill that raises leaves every conversation as it was committed."""
+
+import mlx.core as mx
+import pytest
+
+import mlx_mtp
+from conftest import FIXTURES, PAIRS, WINDOW, ContinuationProposer, load_pair, plain_greedy, prompt_of
+from mlx_mtp import Engine, SamplingParams
+from mlx_mtp.engine import PREFILL_STEP
+from mlx_mtp.tuning import Costs
+from test_sampling_e2e import PROMPT, goodness_of_fit
+
+LONG = PREFILL_STEP + 352  # crosses a prefill chunk and many sliding-window reallocations
+
+
+@pytest.mark.parametrize("name", ["e2b", "moe"])
+def test_a_short_row_beside_a_prompt_longer_than_a_prefill_chunk_equals_its_solo_run(name):
+    pair = load_pair(name)
+    prompts = [prompt_of(5, seed=1), prompt_of(LONG, seed=2)]
+    expected = [plain_greedy(pair.target.model, p, 12) for p in prompts]
+    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=12, num_draft_tokens=0)
+    assert [r.tokens for r in results] == expected
+
+
+def test_four_rows_one_of_them_long_with_drafts_equal_their_solo_runs(with_proposer):
+    pair = load_pair("31b")
+    prompts = [prompt_of(n, seed=30 + n) for n in (7, LONG, 3, 2 * WINDOW)]
+    expected = [plain_greedy(pair.target.model, p, 20) for p in prompts]
+    assert [r.tokens for r in mlx_mtp.batch_generate(pair, prompts, max_tokens=20, num_draft_tokens=3)] == expected
+    with_proposer(pair, ContinuationProposer([p + e for p, e in zip(prompts, expected)], noise=0.3))
+    assert [r.tokens for r in mlx_mtp.batch_generate(pair, prompts, max_tokens=20, num_draft_tokens=3)] == expected
+
+
+def run_engine(pair, schedule, max_batch=8):
+    """schedule: (step at which to add, prompt, SamplingParams, seed, K). Returns each row's
+    generated ids, rows added between rounds while others run."""
+    engine = Engine(pair, max_batch=max_batch)
+    rows, step = [None] * len(schedule), 0
+    while engine.busy or step == 0 or any(r is None for r in rows):
+        for i, (at, prompt, params, seed, k) in enumerate(schedule):
+            if at == step:
+                rows[i] = engine.add(prompt, params, max_tokens=24, seed=seed, draft_tokens=k)
+        engine.step()
+        step += 1
+        assert len(engine.rows) <= max_batch
+    return [r.generated for r in rows]
+
+
+@pytest.mark.parametrize("name", ["e2b", "31b", "moe"])
+def test_rows_joining_mid_generation_equal_their_solo_runs(name):
+    pair = load_pair(name)
+    greedy, warm, cool = SamplingParams(), SamplingParams(1.0), SamplingParams(0.7, top_p=0.9, top_k=40)
+    schedule = [
+        (0, prompt_of(6, seed=1), greedy, None, 3),
+        (0, prompt_of(3 * WINDOW, seed=2), warm, 11, 3),
+        (3, prompt_of(4, seed=3), cool, 12, 3),
+        (5, prompt_of(LONG, seed=4), greedy, None, 2),  # read in two chunks while others run
+        (6, prompt_of(9, seed=5), warm, 13, 0),
+        (9, prompt_of(2 * WINDOW + 1, seed=6), cool, 14, 4),
+    ]
+    got = run_engine(pair, schedule, max_batch=4)  # the last rows wait for a free slot
+    for out, (_, prompt, p, seed, k) in zip(got, schedule):
+        solo = mlx_mtp.generate(pair, prompt, max_tokens=24, temperature=p.temperature, top_p=p.top_p,
+                                top_k=p.top_k, seed=seed, num_draft_tokens=k)
+        assert out == solo.tokens
+
+
+def test_seeded_sampled_rows_equal_their_solo_runs_whatever_shares_the_batch():
+    pair = load_pair("e2b")
+    prompts = [prompt_of(n, seed=40 + n) for n in (5, 12, 3 * WINDOW, 7, 2)]
+    seeds = [5, 6, 7, 8, 9]
+    solo = [mlx_mtp.generate(pair, p, max_tokens=20, temperature=0.9, seed=s, num_draft_tokens=2).tokens
+            for p, s in zip(prompts, seeds)]
+    batched = mlx_mtp.batch_generate(pair, prompts, max_tokens=20, temperature=0.9, seed=seeds, num_draft_tokens=2)
+    assert [r.tokens for r in batched] == solo
+    # In another company (two rows at a time, a different neighbour) the same rows again.
+    again = mlx_mtp.batch_generate(pair, prompts[::-1], max_tokens=20, temperature=0.9, seed=seeds[::-1],
+                                   num_draft_tokens=2, max_batch=2)
+    assert [r.tokens for r in again] == solo[::-1]
+    # An int seed s seeds row i with s + i; another seed gives other samples.
+    assert mlx_mtp.batch_generate(pair, prompts[:2], max_tokens=20, temperature=0.9, seed=5,
+                                  num_draft_tokens=2)[1].tokens == solo[1]
+    other = mlx_mtp.generate(pair, prompts[2], max_tokens=20, temperature=0.9, seed=99, num_draft_tokens=2)
+    assert other.tokens != solo[2]
+
+
+def test_auto_draft_length_in_a_batch_follows_rows_acceptance_and_costs(with_proposer):
+    target, drafter = PAIRS["31b"]
+    pair = mlx_mtp.load(str(FIXTURES / target), str(FIXTURES / drafter))  # its own costs
+    # A verify of more tokens costs little here, a drafter step nothing.
+    pair.costs = {b: Costs([0.1 * b, 0.1 * b + 0.01, 0.1 * b + 0.02, 0.1 * b + 0.03, 0.1 * b + 0.04], 0.0)
+                  for b in (1, 2, 4)}
+    prompts = [prompt_of(n, seed=50 + n) for n in (8, 13, 5)]
+    expected = [plain_greedy(pair.target.model, p, 30) for p in prompts]
+    with_proposer(pair, ContinuationProposer([p + e for p, e in zip(prompts, expected)], noise=0.0))
+    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=30)  # num_draft_tokens=None: auto
+    assert [r.tokens for r in results] == expected
+    assert max(results.stats.draft_tokens) == pair.default_draft_tokens  # right drafts: draft long
+    # Drafts that are always wrong and a verify that costs 50% more per token: the rows' live
+    # acceptance turns drafting off, but for probes.
+    pair.costs = {b: Costs([0.1 * b * (1 + 0.5 * n) for n in range(5)], 0.0) for b in (1, 2, 4)}
+    with_proposer(pair, ContinuationProposer([], noise=1.0))
+    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=30)
+    assert [r.tokens for r in results] == expected
+    k = results.stats.draft_tokens
+    assert k.count(0) > len(k) / 2 and set(k) <= {0, 1, pair.default_draft_tokens}
+
+
+@pytest.mark.parametrize("name", ["31b", "e2b"])
+def test_sampled_rows_with_auto_draft_length_follow_the_target_distribution(name):
+    pair = load_pair(name)
+    params = SamplingParams(temperature=1.0)
+    results = mlx_mtp.batch_generate(pair, [PROMPT] * 1000, max_tokens=3, temperature=1.0, seed=7, max_batch=64)
+    assert goodness_of_fit([r.tokens for r in results], pair.target.model, params) > 1e-3
+    assert len({len(d) for r in results for d in r.stats.drafts}) >= 1
+
+
+def failing_after(monkeypatch, obj, method: str, calls: int, when=lambda *a: True):
+    """Make obj.method raise on its `calls`-th call for which `when(args)` holds."""
+    original, seen = getattr(obj, method), []
+
+    def wrapper(*args):
+        if when(*args):
+            seen.append(1)
+            if len(seen) == calls:
+                raise RuntimeError("injected")
+        return original(*args)
+
+    monkeypatch.setattr(obj, method, wrapper)
+
+
+@pytest.mark.parametrize("name", ["e2b", "moe"])
+def test_an_exception_inside_a_round_leaves_the_conversation_as_committed(name, monkeypatch):
+    pair = load_pair(name)
+    cache = mlx_mtp.make_prompt_cache(pair)
+    mlx_mtp.generate(pair, prompt_of(6, seed=1), max_tokens=10, num_draft_tokens=3, prompt_cache=cache)
+    before = list(cache.tokens)
+    # The third verify forward raises after the target cache was extended by its drafts.
+    failing_after(monkeypatch, pair.target, "logits", 3, when=lambda h: h.shape[1] > 1)
+    turn = prompt_of(2 * WINDOW, seed=2)
+    with pytest.raises(RuntimeError, match="injected"):
+        mlx_mtp.generate(pair, turn, max_tokens=40, num_draft_tokens=3, prompt_cache=cache)
+    monkeypatch.undo()
+    history = list(cache.tokens)
+    assert history[: len(before) + len(turn)] == before + turn and len(history) > len(before) + len(turn)
+    assert history == before + turn + plain_greedy(pair.target.model, before + turn, len(history) - len(before) - len(turn))
+    nxt = prompt_of(5, seed=3)
+    out = mlx_mtp.generate(pair, nxt, max_tokens=15, num_draft_tokens=3, prompt_cache=cache)
+    assert out.tokens == plain_greedy(pair.target.model, history + nxt, 15)
+
+
+def test_an_exception_while_reading_a_prompt_leaves_the_conversation_untouched(monkeypatch):
+    pair = load_pair("e2b")
+    cache = mlx_mtp.make_prompt_cache(pair)
+    mlx_mtp.generate(pair, prompt_of(6, seed=1), max_tokens=10, num_draft_tokens=3, prompt_cache=cache)
+    before = list(cache.tokens)
+    # The second chunk of a long prompt raises, after the first was read into the cache.
+    failing_after(monkeypatch, pair.target, "hidden", 2)
+    with pytest.raises(RuntimeError, match="injected"):
+        mlx_mtp.generate(pair, prompt_of(LONG, seed=2), max_tokens=10, prompt_cache=cache)
+    monkeypatch.undo()
+    assert cache.tokens == before and not cache.busy
+    nxt = prompt_of(9, seed=3)
+    out = mlx_mtp.generate(pair, nxt, max_tokens=15, num_draft_tokens=3, prompt_cache=cache)
+    assert out.tokens == plain_greedy(pair.target.model, before + nxt, 15)
+
+
+def test_a_failed_round_in_a_batch_leaves_every_row_where_it_was(monkeypatch):
+    pair = load_pair("31b")
+    engine = Engine(pair)
+    prompts = [prompt_of(n, seed=60 + n) for n in (4, 3 * WINDOW)]
+    rows = [engine.add(p, max_tokens=20, draft_tokens=3) for p in prompts]
+    for _ in range(3):
+        engine.step()
+    state = [(list(r.tokens), [list(c.positions) for c in engine.cache]) for r in rows]
+    failing_after(monkeypatch, pair.target, "logits", 1)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    monkeypatch.undo()
+    assert [(list(r.tokens), [list(c.positions) for c in engine.cache]) for r in rows] == state
+    while engine.busy:  # and the batch goes on as if nothing happened
+        engine.step()
+    assert [r.generated for r in rows] == [plain_greedy(pair.target.model, p, 20) for p in prompts]
+
+
+def test_closing_a_stream_early_keeps_what_was_committed():
+    pair = load_pair("e2b")
+    cache = mlx_mtp.make_prompt_cache(pair)
+    prompt = prompt_of(7, seed=4)
+    stream = mlx_mtp.stream_generate(pair, prompt, max_tokens=40, num_draft_tokens=2, prompt_cache=cache)
+    got = [t for _, chunk in zip(range(4), stream) for t in chunk.tokens]
+    stream.close()
+    assert cache.tokens == prompt + got and not cache.busy
+    nxt = prompt_of(3, seed=5)
+    out = mlx_mtp.generate(pair, nxt, max_tokens=10, num_draft_tokens=2, prompt_cache=cache)
+    assert out.tokens == plain_greedy(pair.target.model, prompt + got + nxt, 10)
+
+
+@pytest.mark.parametrize("name", ["e2b", "moe"])
+def test_many_conversations_continue_in_one_batch_reading_only_their_new_tokens(name):
+    pair = load_pair(name)
+    firsts = [prompt_of(n, seed=70 + n) for n in (5, 2 * WINDOW, 9)]
+    caches = [mlx_mtp.make_prompt_cache(pair) for _ in firsts]
+    mlx_mtp.batch_generate(pair, firsts, max_tokens=12, num_draft_tokens=3, prompt_caches=caches)
+    histories = [list(c.tokens) for c in caches]
+    for h, p in zip(histories, firsts):
+        assert h == p + plain_greedy(pair.target.model, p, 12)
+    seconds = [prompt_of(n, seed=80 + n) for n in (3, 6, WINDOW + 2)]
+    results = mlx_mtp.batch_generate(pair, seconds, max_tokens=10, num_draft_tokens=3, prompt_caches=caches)
+    for r, h, s, c in zip(results, histories, seconds, caches):
+        assert r.tokens == plain_greedy(pair.target.model, h + s, 10)
+        assert r.stats.prompt_tokens == len(s) and c.tokens == h + s + r.tokens
+
+
+def test_a_stop_id_inside_accepted_drafts_ends_its_row_and_counts_no_draft_past_it(with_proposer):
+    pair = load_pair("moe")
+    prompts = [prompt_of(n, seed=90 + n) for n in (6, 10, 4)]
+    alone = [plain_greedy(pair.target.model, p, 30) for p in prompts]
+    stop = alone[0][5]  # row 0 emits it as the 6th token, inside an 8-token draft
+    eos_pair = mlx_mtp.Pair(pair.target, pair.drafter, pair.tokenizer, frozenset({stop}))
+    with_proposer(eos_pair, ContinuationProposer([p + e for p, e in zip(prompts, alone)], noise=0.0))
+    results = mlx_mtp.batch_generate(eos_pair, prompts, max_tokens=30, num_draft_tokens=8)
+    expected = [e[: e.index(stop) + 1] if stop in e else e for e in alone]
+    assert [r.tokens for r in results] == expected
+    first = results[0]
+    assert first.finish_reason == "stop" and first.stats.rounds == 1
+    # One round committed 5 tokens after the first: 5 drafts accepted, none counted past the stop id.
+    assert first.stats.accepted == [5] and first.stats.drafts == [alone[0][1:6]]
+    assert first.stats.mean_accepted_length == 5.0
+    for r in results:  # committed per round, whatever stopped the row
+        assert r.stats.mean_accepted_length * r.stats.rounds == len(r.tokens) - 1
+    single = mlx_mtp.generate(eos_pair, prompts[0], max_tokens=30, num_draft_tokens=8)
+    assert single.stats.accepted == [5] and single.stats.mean_accepted_length == 5.0
+
+
+def test_batched_text_equals_generate_text():
+    pair = load_pair("31b")
+    prompts = ["hello world", "a b c d e f", "the quick brown fox"]
+    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=12, num_draft_tokens=2)
+    for r, prompt in zip(results, prompts):
+        assert r.text == mlx_mtp.generate(pair, prompt, max_tokens=12, num_draft_tokens=2).text
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([5, -1, 7], "outside the vocabulary"),
+        ([5, 10**7, 7], "outside the vocabulary"),
+        ([5, 1.5, 7], "must be integers"),
+        ([5, True], "must be integers"),
+        ([], "empty"),
+    ],
+)
+def test_bad_token_ids_are_refused_before_they_reach_mlx(prompt, message):
+    pair = load_pair("e2b")
+    with pytest.raises(ValueError, match=message):
+        mlx_mtp.generate(pair, prompt, max_tokens=4)
+    with pytest.raises(ValueError, match=message):
+        mlx_mtp.batch_generate(pair, [[5, 6], prompt], max_tokens=4)
+
+
+def test_a_prompt_cache_serves_one_generation_at_a_time():
+    pair = load_pair("e2b")
+    cache = mlx_mtp.make_prompt_cache(pair)
+    stream = mlx_mtp.stream_generate(pair, [5, 6, 7], max_tokens=8, prompt_cache=cache)
+    next(stream)
+    with pytest.raises(ValueError, match="in use"):
+        mlx_mtp.generate(pair, [8, 9], max_tokens=4, prompt_cache=cache)
+    stream.close()
+    assert mlx_mtp.generate(pair, [8, 9], max_tokens=4, prompt_cache=cache).tokens
+
+
+def test_rows_keep_to_their_own_positions_in_a_shared_cache():
+    """Per-row bookkeeping of one layer cache: joining rows far apart, leaving, taking out."""
+    from mlx_mtp.cache import BatchCache
+
+    def filled(n, value, window=4):
+        c = BatchCache(1, window, slack=2)
+        c.update_and_fetch(mx.full((1, 1, n, 2), value), mx.full((1, 1, n, 2), value))
+        return c
+
+    a, b = filled(40, 1.0), filled(3, 2.0)
+    assert a.start == 0 and a.positions == [40]
+    a.update_and_fetch(mx.full((1, 1, 300, 2), 1.0), mx.full((1, 1, 300, 2), 1.0))
+    assert a.start == 40 - 4 - 2  # only positions no query and no rollback can reach were dropped
+    with pytest.raises(RuntimeError):
+        a.trim_rows([340 - 33])  # back past what the sliding layer still holds
+    a.extend(b)  # a short row joins a long one: the buffer reaches back to its positions
+    assert a.positions == [340, 3] and a.start == 0
+    keys, _ = a.keys_and_values()
+    assert keys[1, 0, :3, 0].tolist() == [2.0] * 3 and keys[0, 0, 330:340, 0].tolist() == [1.0] * 10
+    mask = a.make_mask(1)  # each row sees its own last `window` positions
+    assert mask[0, 0, 0].tolist().count(True) == 4 and mask[1, 0, 0, :4].tolist() == [True] * 4
+    short = a.extract(1)
+    assert short.positions == [3] and short.keys.shape[2] == 3
+    a.keep_rows([0])
+    assert a.positions == [340] and a.keys.shape[0] == 1
