@@ -110,6 +110,8 @@ class Run:
     mtp_tokens: List[List[int]]
     mtp_tps: float  # of the batch as a whole when batched
     stats: Stats  # of all rows
+    row_stats: List[Stats]  # per row
+    draft_tokens_chosen: List[int]  # per round: K, the most drafts of a row
 
     @property
     def identical(self) -> Optional[bool]:
@@ -131,6 +133,8 @@ class Run:
             "prompt_tokens": [len(p) for p in self.task.prompts],
             "baseline": {"generation_tokens": sum(map(len, self.baseline_tokens)), "generation_tps": self.baseline_tps},
             "mtp": {**self.stats.to_dict(), "generation_tps": self.mtp_tps},
+            "row_acceptance": [r.acceptance_rate for r in self.row_stats],
+            "draft_tokens_chosen": self.draft_tokens_chosen,
             "identical": self.identical,
         }
 
@@ -154,15 +158,16 @@ def run_baseline(pair: Pair, task: Task, max_tokens: int, sampling: dict, seed: 
 
 
 def run_mtp(pair: Pair, task: Task, max_tokens: int, sampling: dict, seed: int):
-    """mlx-mtp: (ids per prompt, generation tokens/s, stats of all rows)."""
+    """mlx-mtp: (ids per prompt, generation tokens/s, stats of all rows, per row, K per round)."""
     kwargs = dict(max_tokens=max_tokens, num_draft_tokens=task.setting.draft_tokens, seed=seed, **sampling)
     if task.setting.batch:
         out = batch_generate(pair, task.prompts, **kwargs)
         # mlx-lm's batch_generate leaves out the EOS that ended a row.
         rows = [r.tokens[:-1] if r.finish_reason == "stop" else r.tokens for r in out]
-        return rows, out.stats.generation_tps, Stats.pooled([r.stats for r in out])
+        stats = [r.stats for r in out]
+        return rows, out.stats.generation_tps, Stats.pooled(stats), stats, out.stats.draft_tokens
     out = generate(pair, task.prompts[0], **kwargs)
-    return [out.tokens], out.stats.generation_tps, out.stats
+    return [out.tokens], out.stats.generation_tps, out.stats, [out.stats], [len(d) for d in out.stats.drafts]
 
 
 def benchmark(
@@ -233,6 +238,10 @@ def summarize(runs: List[Run]) -> dict:
             alone = medians.get(replace(setting, batch=1))
             entry["batch"] = setting.batch
             entry["vs_batch_1"] = mtp / alone if alone else None
+            # Row i pooled over the runs, and how often each K was chosen.
+            entry["row_acceptance"] = [Stats.pooled(row).acceptance_rate for row in zip(*(r.row_stats for r in rs))]
+            chosen = [k for r in rs for k in r.draft_tokens_chosen]
+            entry["draft_tokens_chosen"] = {k: chosen.count(k) for k in sorted(set(chosen))}
         summary.append(entry)
     speedups = [s["speedup"] for s in summary if s["speedup"] > 0]
     overall = math.exp(statistics.fmean(map(math.log, speedups))) if speedups else 0.0

@@ -1,4 +1,4 @@
-"""The `mlx-mtp` command: chat, generate, bench and models, a thin layer over the library.
+"""The `mlx-mtp` command: chat, generate, serve, bench and models, a thin layer over the library.
 
 Every bad input ends in one line on stderr and a non-zero exit; `--verbose` shows the
 traceback instead. Flags follow mlx-lm's where it has them.
@@ -215,7 +215,8 @@ def generate(
         Optional[Path], typer.Option("--prompts-file", help="One prompt per line, instead of PROMPT.")
     ] = None,
     batch: Annotated[
-        Optional[int], typer.Option("--batch", help="Prompts of --prompts-file decoded together. Default: 1.")
+        Optional[int],
+        typer.Option("--batch", help="Rows of --prompts-file decoded at once; the next joins as one ends. Default: 1."),
     ] = None,
     verbose: Verbose = False,
 ):
@@ -466,7 +467,8 @@ def bench_tables(result: dict) -> List[Table]:
     setting = ["B" if batched else "kind", "T", "K"]
     for name in setting + ["mlx-lm tok/s", "mlx-mtp tok/s", "speedup"] + ["vs B=1"] * batched + ["same"]:
         speed.add_column(name, justify="left" if name == "kind" else "right")
-    for name in setting + ["accept", "len", "per position", "by source"]:
+    detail = ["rows' accept", "K chosen (rounds)"] if batched else ["per position", "by source"]
+    for name in setting + ["accept", "len"] + detail:
         accept.add_column(name, justify="right" if name in ("B", "T", "K", "accept", "len") else "left")
     for r in rows:
         cells = [str(r["batch"]) if batched else r["kind"], f"{r['temperature']:g}", str(r["draft_tokens"])]
@@ -476,10 +478,49 @@ def bench_tables(result: dict) -> List[Table]:
         # Greedy outputs must be identical; sampled ones differ by design.
         same = {None: "-", True: "yes", False: "[bold red]NO[/]"}[r["identical"]]
         speed.add_row(*cells, f"{r['baseline_tps']:.1f}", f"{r['mtp_tps']:.1f}", *ratios, same)
-        positions = " ".join(_fraction(a) for a in r["per_position_acceptance"])
-        by_source = ", ".join(f"{s} {_fraction(e['acceptance'])}" for s, e in r["by_source"].items())
-        accept.add_row(*cells, _fraction(r["acceptance"]), f"{r['mean_accepted_length']:.2f}", positions, by_source)
+        if batched:
+            rows_accept = " ".join(_fraction(a) for a in r["row_acceptance"])
+            chosen = " ".join(f"{k}:{n}" for k, n in r["draft_tokens_chosen"].items())
+            detail = [rows_accept, chosen]
+        else:
+            positions = " ".join(_fraction(a) for a in r["per_position_acceptance"])
+            detail = [positions, ", ".join(f"{s} {_fraction(e['acceptance'])}" for s, e in r["by_source"].items())]
+        accept.add_row(*cells, _fraction(r["acceptance"]), f"{r['mean_accepted_length']:.2f}", *detail)
     return [speed, accept]
+
+
+@app.command()
+@one_line_errors
+def serve(
+    model: Model = None,
+    target: Target = None,
+    drafter: Drafter = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests waiting for a row; past it: HTTP 429.")] = 32,
+    draft_tokens: Annotated[
+        str, typer.Option("--draft-tokens", help="Tokens drafted per round: auto (chosen each round) or K.")
+    ] = "auto",
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY'.")] = None,
+    cache_mb: Annotated[int, typer.Option("--cache-mb", help="Memory for kept conversations (MB).")] = 1024,
+    verbose: Verbose = False,
+):
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    from .server import serve as run_server
+
+    k = None if draft_tokens == "auto" else int(draft_tokens) if draft_tokens.isdigit() else -1
+    if k is not None and not 0 <= k <= MAX_DRAFT_TOKENS:
+        fail(f"--draft-tokens must be auto or in 0..{MAX_DRAFT_TOKENS}, got {draft_tokens!r}")
+    if max_batch < 1 or max_queue < 0 or cache_mb < 0 or not 0 < port < 65536:
+        fail("--max-batch must be >= 1, --max-queue and --cache-mb >= 0, --port in 1..65535")
+    pair = load_pair(model, target, drafter, verbose)
+    name = pair.name or target
+    ready = lambda: status(f"serving {name} at http://{host}:{port}/v1 (max batch {max_batch}); Ctrl-C stops")
+    try:
+        run_server(pair, name, host, port, max_batch, max_queue, k, api_key, cache_mb, on_ready=ready)
+    except KeyboardInterrupt:
+        status("stopped")
 
 
 @app.command()

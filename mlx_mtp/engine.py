@@ -59,6 +59,25 @@ class PromptCache:
         """Number of positions in the target cache."""
         return max(len(self.tokens) - 1, 0)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cache or [])
+
+    def rewind(self, n: int) -> bool:
+        """Keep only the first n >= 1 committed ids, if the sliding layers still hold the
+        window those need; False (and nothing changed) otherwise. The next row reads at
+        least one id, which gives it the hidden state it continues from."""
+        if not 1 <= n <= len(self.tokens) or self.busy:
+            return False
+        position = n - 1  # of the newest kept id, which has no KV yet
+        if any(c.start > (0 if c.window is None else max(0, position - c.window - 2)) for c in self.cache or []):
+            return False
+        for c in self.cache or []:
+            c.trim_rows([c.positions[0] - position])
+        if n < len(self.tokens):
+            self.tokens, self.carry = self.tokens[:n], None
+        return True
+
 
 @dataclass
 class Update:
@@ -71,9 +90,11 @@ class Update:
 
 
 class Row:
-    def __init__(self, prompt, conversation: PromptCache, params, key, max_tokens, stop_ids, draft_tokens, state,
-                 detokenizer):
+    def __init__(self, prompt, conversation: Optional[PromptCache], params, key, max_tokens, stop_ids, draft_tokens,
+                 state, detokenizer):
         self.prompt = prompt  # ids to read after the conversation's
+        self.keeps_conversation = conversation is not None  # else nobody reads it at the end
+        conversation = conversation if conversation is not None else PromptCache()
         self.conversation = conversation
         self.tokens = list(conversation.tokens)  # committed ids; tokens[-1] has no KV yet
         self.carry = conversation.carry  # [1, 1, H] hidden state that produced tokens[-1]
@@ -159,10 +180,9 @@ class Engine:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if draft_tokens is not None and not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
             raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {draft_tokens}")
-        conversation = prompt_cache if prompt_cache is not None else PromptCache()  # else: thrown away
-        if conversation.busy:
+        if prompt_cache is not None and prompt_cache.busy:
             raise ValueError("this prompt cache is in use by another generation")
-        needed = len(conversation.tokens) + len(prompt)
+        needed = (len(prompt_cache.tokens) if prompt_cache is not None else 0) + len(prompt)
         context = self.pair.target.max_positions
         if context and needed >= context:
             raise ValueError(f"the prompt needs {needed} positions but the target's context is {context}")
@@ -175,7 +195,7 @@ class Engine:
         tokenizer = self.pair.tokenizer
         row = Row(
             prompt,
-            conversation,
+            prompt_cache,
             params,
             key,
             max_tokens,
@@ -184,8 +204,7 @@ class Engine:
             proposer.new_state() if proposer is not None else None,
             tokenizer.detokenizer if tokenizer is not None else None,
         )
-        row.keeps_conversation = prompt_cache is not None
-        conversation.busy = True
+        row.conversation.busy = True
         self.waiting.append(row)
         return row
 
@@ -299,30 +318,28 @@ class Engine:
         self.rows += rows
 
     def _leave(self, rows: List[Row]):
-        """Finished rows free their slots; each hands back its conversation."""
-        if len(rows) == len(self.rows):
-            if len(rows) == 1:  # the only row keeps the batch cache as it is
-                self._hand_back(rows[0], self.cache)
-            else:
-                for i, row in enumerate(self.rows):
-                    self._hand_back(row, [c.extract(i) for c in self.cache] if row.keeps_conversation else None)
-            self.rows, self.cache = [], None
-            return
-        for row in rows:
-            i = self.rows.index(row)
-            self._hand_back(row, [c.extract(i) for c in self.cache] if row.keeps_conversation else None)
+        """Rows free their slots at once; each hands back its conversation."""
+        for i, row in enumerate(self.rows):
+            if row in rows:
+                # The only row keeps the batch cache as it is; others take a copy of theirs.
+                alone = len(self.rows) == 1
+                self._hand_back(row, lambda: self.cache if alone else [c.extract(i) for c in self.cache])
         keep = [i for i, row in enumerate(self.rows) if row not in rows]
-        for c in self.cache:
-            c.keep_rows(keep)
         self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = None
+        for c in self.cache or []:
+            c.keep_rows(keep)
 
     @staticmethod
-    def _hand_back(row: Row, cache: list):
+    def _hand_back(row: Row, cache):
+        """The row's conversation, free again; updated if the caller keeps it (`cache()`
+        gives the row's target cache)."""
         conversation = row.conversation
         conversation.busy = False
         if row.keeps_conversation:
-            conversation.cache, conversation.tokens, conversation.carry = cache, row.tokens, row.carry
-            mx.eval([(c.keys, c.values) for c in cache])  # a copy of its own, not a view of the batch
+            conversation.cache, conversation.tokens, conversation.carry = cache(), row.tokens, row.carry
+            mx.eval([(c.keys, c.values) for c in conversation.cache])  # its own copy, not a view of the batch
 
     def _round(self) -> List[Update]:
         tic = time.perf_counter()

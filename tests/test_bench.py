@@ -112,6 +112,10 @@ def test_batched_runs_match_mlx_lm_batches_row_by_row():
         assert tokens == mlx_mtp.generate(pair, prompt, max_tokens=8).tokens
     (alone, together) = bench.summarize(runs)["summary"]
     assert alone["batch"] == 1 and alone["vs_batch_1"] == 1.0
+    rows = runs[1].row_stats
+    assert together["row_acceptance"] == [r.acceptance_rate for r in rows]
+    chosen = together["draft_tokens_chosen"]  # K fixed at 2 (fewer where every row nears its limit)
+    assert set(chosen) <= {0, 1, 2} and chosen[2] > 0 and sum(chosen.values()) == len(runs[1].draft_tokens_chosen)
     assert together["vs_batch_1"] == pytest.approx(together["mtp_tps"] / alone["mtp_tps"])
 
 

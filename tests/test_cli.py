@@ -469,8 +469,8 @@ def test_bench_fails_when_greedy_outputs_differ(prompts_file, monkeypatch):
     real = bench.run_mtp
 
     def wrong(*args):
-        (tokens,), tps, stats = real(*args)
-        return [tokens[:-1] + [tokens[-1] + 1]], tps, stats
+        (tokens,), *rest = real(*args)
+        return [tokens[:-1] + [tokens[-1] + 1]], *rest
 
     monkeypatch.setattr(bench, "run_mtp", wrong)
     result = run("bench", *PAIR, "--prompts", prompts_file, "-n", 4, "--repeats", 1)
@@ -486,6 +486,9 @@ def test_bench_batches_against_mlx_lm_batches(prompts_file, tmp_path):
     summary = json.loads(out.read_text())["summary"]
     assert [(e["batch"], e["identical"]) for e in summary] == [(1, True), (2, True)]
     assert summary[1]["vs_batch_1"] > 0
+    assert len(summary[1]["row_acceptance"]) == 2 and "K chosen" in result.stdout
+    rounds = json.loads(out.read_text())["runs"][1]["draft_tokens_chosen"]
+    assert sum(summary[1]["draft_tokens_chosen"].values()) == len(rounds) > 0
 
 
 def test_bench_bad_inputs_fail_in_one_line(prompts_file, tmp_path):

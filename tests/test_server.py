@@ -1,0 +1,220 @@
+"""`mlx-mtp serve` as a client sees it: a real server on 127.0.0.1, the real `openai` client."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+import mlx_mtp
+from conftest import FIXTURES, load_pair, plain_greedy, prompt_of
+
+TARGET, DRAFTER = str(FIXTURES / "target_e2b"), str(FIXTURES / "drafter_sparse")
+K = 2  # the server's fixed draft length: seeded samples are then reproducible row by row
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--target", TARGET,
+               "--drafter", DRAFTER, "--port", str(self.port), *map(str, flags)]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert self.process.poll() is None, self.process.stderr.read()
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health").json()
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--max-batch", 4, "--max-queue", 2, "--draft-tokens", K)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return load_pair("e2b")
+
+
+def complete(server, prompt, **kwargs):
+    kwargs.setdefault("temperature", 0.0)
+    return server.client.completions.create(model=TARGET, prompt=prompt, **kwargs)
+
+
+def test_greedy_completion_equals_generate_with_usage_and_stats(server, pair):
+    out = complete(server, "Hello world", max_tokens=16)
+    expected = mlx_mtp.generate(pair, "Hello world", max_tokens=16, num_draft_tokens=K)
+    assert out.choices[0].text == expected.text
+    assert out.usage.prompt_tokens == len(pair.tokenizer.encode("Hello world"))
+    assert out.usage.completion_tokens == len(expected.tokens) == 16
+    assert out.choices[0].finish_reason == "length"
+    mtp = out.model_extra["mtp"]
+    assert mtp["rounds"] == expected.stats.rounds and mtp["acceptance_rate"] == expected.stats.acceptance_rate
+
+
+def test_token_id_prompts_and_models_and_health(server, pair):
+    ids = prompt_of(12, seed=3)
+    out = complete(server, ids, max_tokens=10)
+    assert out.usage.prompt_tokens == 12 and out.usage.completion_tokens == 10
+    expected = mlx_mtp.generate(pair, ids, max_tokens=10, num_draft_tokens=K)
+    assert out.choices[0].text == expected.text
+    assert [m.id for m in server.client.models.list().data] == [TARGET]
+    assert server.health()["status"] == "ok"
+
+
+def test_concurrent_greedy_requests_each_equal_generate(server, pair):
+    prompts = [prompt_of(n, seed=100 + n) for n in (3, 40, 9, 150, 5, 22)]
+    lengths = [30, 12, 25, 18, 8, 33]
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda a: complete(server, a[0], max_tokens=a[1]), zip(prompts, lengths)))
+    for out, p, n in zip(outs, prompts, lengths):
+        expected = mlx_mtp.generate(pair, p, max_tokens=n, num_draft_tokens=K)
+        assert expected.tokens == plain_greedy(pair.target.model, p, n, eos=pair.eos_ids)
+        assert out.choices[0].text == expected.text and out.usage.completion_tokens == len(expected.tokens)
+
+
+def test_seeded_samples_equal_generate_whatever_runs_beside_them(server, pair):
+    jobs = [("Once upon a time", 7, 0.9), ("The weather today", 8, 1.0), ("hello", 9, 0.7)]
+    noise = [prompt_of(30, seed=5), prompt_of(7, seed=6)]  # greedy neighbours of other lengths
+    with ThreadPoolExecutor(5) as pool:
+        neighbours = [pool.submit(complete, server, p, max_tokens=40) for p in noise]
+        outs = list(pool.map(lambda j: complete(server, j[0], max_tokens=20, temperature=j[2], seed=j[1]), jobs))
+        [f.result() for f in neighbours]
+    for out, (prompt, seed, temp) in zip(outs, jobs):
+        expected = mlx_mtp.generate(pair, prompt, max_tokens=20, temperature=temp, seed=seed, num_draft_tokens=K)
+        assert out.choices[0].text == expected.text
+
+
+def test_streamed_chunks_join_to_the_whole_text(server):
+    messages = [{"role": "user", "content": "Write a list of colours"}]
+    whole = server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=24, temperature=0)
+    chunks = list(server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=24,
+                                                        temperature=0, stream=True))
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens
+
+
+def test_chat_uses_the_template_and_a_continued_conversation_reads_only_new_tokens(server, pair):
+    first = [{"role": "user", "content": "Hello there"}]
+    reply = server.client.chat.completions.create(model=TARGET, messages=first, max_tokens=12, temperature=0)
+    templated = pair.tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+    assert reply.choices[0].message.content == mlx_mtp.generate(pair, templated, max_tokens=12,
+                                                                num_draft_tokens=K).text
+    messages = first + [{"role": "assistant", "content": reply.choices[0].message.content},
+                        {"role": "user", "content": "And then?"}]
+    again = server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=12, temperature=0)
+    whole = pair.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert again.choices[0].message.content == mlx_mtp.generate(pair, whole, max_tokens=12, num_draft_tokens=K).text
+    read = again.model_extra["mtp"]["prompt_tokens_read"]
+    # The first turn's prompt is not read again (the reply is, from where its text re-encodes
+    # to other ids than the ones generated: the kept conversation is rolled back to there).
+    assert 0 < read <= again.usage.prompt_tokens - reply.usage.prompt_tokens
+
+
+def test_stop_strings_end_the_text_before_them(server, pair):
+    prompt = prompt_of(10, seed=11)
+    text = mlx_mtp.generate(pair, prompt, max_tokens=30, num_draft_tokens=K).text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text[: text.index(stop)]
+    out = complete(server, prompt, max_tokens=30, stop=[stop, "never appears"])
+    assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
+    streamed = list(complete(server, prompt, max_tokens=30, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+BAD = [
+    ("completions", b"{not json", "not valid JSON"),
+    ("completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": "hi", "max_tokens": 10**6}, "max_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}, "max_completion_tokens"),
+    ("completions", {"prompt": "hi", "temperature": -1}, "temperature"),
+    ("completions", {"prompt": "hi", "top_p": 0}, "top_p"),
+    ("completions", {"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ("completions", {"prompt": ""}, "prompt"),
+    ("completions", {"prompt": []}, "empty"),
+    ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, "content"),
+    ("completions", {"prompt": [5] * 5000}, "context"),
+    ("completions", {"prompt": "hi", "model": "gpt-4"}, "unknown model"),
+    ("completions", {"prompt": [5, 10**7, 7]}, "outside the vocabulary"),
+    ("completions", {"prompt": [5, -1, 7]}, "outside the vocabulary"),
+    ("completions", {"prompt": [5, 2.5]}, "integers"),
+    ("completions", {"prompt": "hi", "n": 2}, "n = 1"),
+    ("completions", {"prompt": "hi", "stop": 5}, "stop"),
+    ("completions", {"prompt": "x" * (5 * 1024 * 1024)}, "over"),
+]
+
+
+@pytest.mark.parametrize("path, body, message", BAD, ids=[b[2] + f"-{i}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_400_and_the_server_keeps_serving(server, path, body, message):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{server.url}/v1/{path}", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert complete(server, "Hello world", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_client_that_disconnects_frees_its_row(server):
+    body = {"model": TARGET, "prompt": "Once", "max_tokens": 3000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert server.health()["rows"] == 1
+    deadline = time.time() + 20
+    while server.health()["rows"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.health() == {"status": "ok", "rows": 0, "queued": 0}
+    assert complete(server, "Hello world", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_past_the_batch_and_the_queue_requests_get_429():
+    server = Server("--max-batch", 1, "--max-queue", 1, "--api-key", "secret")
+    try:
+        body = {"model": TARGET, "prompt": "Once", "max_tokens": 3000, "stream": True}
+        headers = {"authorization": "Bearer secret"}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers) as first, \
+                httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers) as second:
+            assert first.status_code == second.status_code == 200
+            third = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers)
+            assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+        assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 401
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="secret", max_retries=0)
+        deadline = time.time() + 20
+        while server.health()["queued"] + server.health()["rows"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert client.completions.create(model=TARGET, prompt="hi", max_tokens=3).usage.completion_tokens == 3
+    finally:
+        server.stop()
