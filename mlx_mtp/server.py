@@ -151,12 +151,14 @@ class Worker:
             except queue.Empty:
                 return
             block = False
+            kept = self.conversations.take(job.prompt)
+            conv = kept or PromptCache()
             try:
-                conv = self.conversations.take(job.prompt) or PromptCache()
-                new = job.prompt[len(conv.tokens):]
-                job.row = self.engine.add(new, job.params, job.max_tokens, job.seed, self.draft_tokens,
-                                          prompt_cache=conv)
+                job.row = self.engine.add(job.prompt[len(conv.tokens):], job.params, job.max_tokens, job.seed,
+                                          self.draft_tokens, prompt_cache=conv)
             except ValueError as e:
+                if kept is not None:
+                    self.conversations.keep(kept)
                 self._done(job)
                 self._send(job, ("error", BadRequest(str(e))))
                 continue
@@ -179,7 +181,9 @@ class Worker:
         job.loop.call_soon_threadsafe(job.events.put_nowait, event)
 
     def status(self) -> dict:
-        return {"rows": len(self.jobs), "queued": self.queued - len(self.jobs)}
+        """Rows decoding, and requests waiting for one (read from the HTTP thread)."""
+        rows = len(self.engine.rows)
+        return {"rows": rows, "queued": self.queued - rows}
 
 
 # Requests: parsing and checking, one field at a time.
@@ -434,7 +438,8 @@ def serve(pair: Pair, model_name: str, host: str, port: int, max_batch: int, max
 
     worker = Worker(pair, max_batch, max_queue, draft_tokens, cache_mb * 1024 * 1024)
     app = build_app(pair, worker, model_name, api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+    # uvicorn logs nothing: errors reach the user as one line of ours.
+    config = uvicorn.Config(app, host=host, port=port, log_level="critical", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     http = threading.Thread(target=server.run, daemon=True, name="http")
     http.start()

@@ -218,3 +218,28 @@ def test_past_the_batch_and_the_queue_requests_get_429():
         assert client.completions.create(model=TARGET, prompt="hi", max_tokens=3).usage.completion_tokens == 3
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--draft-tokens", "x"], "--draft-tokens must be auto or in 0..16"),
+        (["--draft-tokens", "99"], "--draft-tokens must be auto or in 0..16"),
+        (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--port", "70000"], "--port in 1..65535"),
+        (["-m", "no-such-pair"], "unknown model"),
+    ],
+)
+def test_bad_serve_flags_fail_in_one_line(flags, message):
+    cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", *flags]
+    if "-m" not in flags:
+        cmd += ["--target", TARGET]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_a_port_in_use_fails_in_one_line(server):
+    cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--target", TARGET,
+           "--port", str(server.port)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == f"error: cannot serve on 127.0.0.1:{server.port} (is the port in use?)\n"
