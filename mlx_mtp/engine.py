@@ -149,9 +149,11 @@ class Row:
 
 
 class Engine:
-    def __init__(self, pair, max_batch: Optional[int] = None):
+    def __init__(self, pair, max_batch: int = 8):
+        if not is_int(max_batch) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.pair = pair
-        self.max_batch = max_batch or 8
+        self.max_batch = max_batch
         self.rows: List[Row] = []  # live rows, in the batch cache's row order
         self.cache: Optional[list] = None  # per cached layer: BatchCache of the live rows
         self.waiting: deque = deque()  # rows whose prompt is still being read
@@ -176,10 +178,12 @@ class Engine:
         draft_tokens: K every round (0: plain decoding), or None to choose K per round
         from measured costs and the live acceptance, up to the pair's default."""
         prompt = check_token_ids(prompt, self.pair.target.vocab_size)
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if draft_tokens is not None and not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
-            raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {draft_tokens}")
+        if not is_int(max_tokens) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if draft_tokens is not None and not (is_int(draft_tokens) and 0 <= draft_tokens <= MAX_DRAFT_TOKENS):
+            raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {draft_tokens!r}")
+        if seed is not None and not (is_int(seed) and 0 <= seed < 2**64):
+            raise ValueError(f"seed must be an integer in 0..2**64 - 1, got {seed!r}")
         if prompt_cache is not None and prompt_cache.busy:
             raise ValueError("this prompt cache is in use by another generation")
         needed = (len(prompt_cache.tokens) if prompt_cache is not None else 0) + len(prompt)
@@ -377,12 +381,16 @@ class Engine:
         return [min(k_auto if r.draft_tokens is None else r.draft_tokens, r.remaining - 1) for r in rows]
 
 
+def is_int(x) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
 def check_token_ids(ids, vocab_size: int) -> List[int]:
     """Prompt ids as Python ints, each checked against the vocabulary (MLX does not
     bounds-check an embedding lookup: an id past it reads or crashes out of bounds)."""
     out = []
     for t in ids:
-        if isinstance(t, bool) or not isinstance(t, Integral):
+        if not is_int(t):
             raise ValueError(f"token ids must be integers, got {t!r}")
         if not 0 <= t < vocab_size:
             raise ValueError(f"token id {t} is outside the vocabulary (0..{vocab_size - 1})")

@@ -174,7 +174,7 @@ def batch_generate(
     caches = prompt_caches or [None] * len(prompts)
     if len(seeds) != len(prompts) or len(caches) != len(prompts):
         raise ValueError("seed and prompt_caches need one entry per prompt")
-    engine = Engine(pair, max_batch=max_batch or len(prompts))
+    engine = Engine(pair, max_batch=len(prompts) if max_batch is None else max_batch)
     rows = []
     try:
         for prompt, s, cache in zip(prompts, seeds, caches):

@@ -260,6 +260,29 @@ def test_bad_token_ids_are_refused_before_they_reach_mlx(prompt, message):
         mlx_mtp.batch_generate(pair, [[5, 6], prompt], max_tokens=4)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_tokens=2.5), "max_tokens must be an integer"),
+        (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+        (dict(num_draft_tokens=1.5), "num_draft_tokens must be in"),
+        (dict(num_draft_tokens=17), "num_draft_tokens must be in"),
+        (dict(max_batch=0), "max_batch must be an integer >= 1"),
+        (dict(max_batch=-2), "max_batch must be an integer >= 1"),
+        (dict(seed=[1]), "one entry per prompt"),
+    ],
+)
+def test_bad_batch_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mlx_mtp.batch_generate(load_pair("e2b"), [[5, 6], [7]], **{"max_tokens": 4, **kwargs})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5])
+def test_a_bad_seed_is_refused(seed):
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        mlx_mtp.generate(load_pair("e2b"), [5, 6], max_tokens=4, temperature=1.0, seed=seed)
+
+
 def test_a_prompt_cache_serves_one_generation_at_a_time():
     pair = load_pair("e2b")
     cache = mlx_mtp.make_prompt_cache(pair)

@@ -90,6 +90,17 @@ def test_token_id_prompts_and_models_and_health(server, pair):
     assert server.health()["status"] == "ok"
 
 
+def test_a_prompt_longer_than_a_prefill_chunk_beside_a_short_one(server, pair):
+    from mlx_mtp.engine import PREFILL_STEP
+
+    prompts = [prompt_of(PREFILL_STEP + 300, seed=12), prompt_of(4, seed=13)]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda p: complete(server, p, max_tokens=12), prompts))
+    for out, p in zip(outs, prompts):
+        assert out.choices[0].text == mlx_mtp.generate(pair, p, max_tokens=12, num_draft_tokens=K).text
+        assert out.usage.prompt_tokens == len(p)
+
+
 def test_concurrent_greedy_requests_each_equal_generate(server, pair):
     prompts = [prompt_of(n, seed=100 + n) for n in (3, 40, 9, 150, 5, 22)]
     lengths = [30, 12, 25, 18, 8, 33]
