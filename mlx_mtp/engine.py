@@ -226,7 +226,7 @@ class Engine:
         if self.rows:
             updates += self._round()
         tic = time.perf_counter()
-        budget, fresh, read = PREFILL_STEP, [], []
+        budget, fresh, read, reading = PREFILL_STEP, [], [], []
         try:
             while self.waiting and budget > 0 and len(self.rows) + len(fresh) + len(read) < self.max_batch:
                 row = self.waiting[0]
@@ -236,6 +236,7 @@ class Engine:
                     fresh.append(self.waiting.popleft())  # read below, with others of its length
                     budget -= len(row.prompt)
                     continue
+                reading = [row]
                 budget -= self._read(row, budget)
                 if row.read < len(row.prompt):
                     mx.eval([c.keys for c in row.cache])  # one chunk at a time
@@ -243,9 +244,9 @@ class Engine:
                 read.append((self.waiting.popleft(),))
             updates += self._first_tokens(read + self._read_fresh(fresh))
         except BaseException:
-            for row in fresh + [r for group in read for r in group] + list(self.waiting)[:1]:
-                self.remove(row)
-                row.conversation.busy = False  # dropped, the conversation untouched
+            for row in fresh + [r for group in read for r in group] + reading:
+                self.remove(row)  # dropped: its conversation as it was
+                row.conversation.busy = False
             raise
         finally:
             self.stats.prompt_time += time.perf_counter() - tic
