@@ -34,8 +34,8 @@ from typing import List, Optional
 import mlx.core as mx
 
 from .cache import MAX_DRAFT_TOKENS
-from .round import run_round
-from .sampling import SamplingParams, categorical, group_rows, log_probs, regroup
+from .round import round_keys, run_round
+from .sampling import Proposal, SamplingParams, accept, group_rows
 from .stats import BatchStats, Stats
 from .tuning import choose_k
 
@@ -284,17 +284,13 @@ class Engine:
         together joins the batch, and rows that token finished leave it at once."""
         tokens = []
         for group in groups:
-            logits = self.pair.target.logits(mx.concatenate([r.carry for r in group]))[:, 0]  # [G, V]
-            settings = group_rows([r.params for r in group])
-            parts = []
-            for params, index in settings:
-                x = logits[mx.array(index)]
-                if params.greedy:
-                    parts.append(mx.argmax(x, axis=-1))
-                else:
-                    keys = mx.stack([group[i].round_keys()[2] for i in index])
-                    parts.append(categorical(log_probs(x, params), keys))
-            tokens.append(regroup(parts, settings))
+            # A round that drafts nothing: the same rule and the same keys as a round's last token.
+            logits = self.pair.target.logits(mx.concatenate([r.carry for r in group]))  # [G, 1, V]
+            keys = round_keys(group)
+            empty = Proposal(mx.zeros((len(group), 0), mx.int32))
+            _, ids = accept(logits, empty, [0] * len(group), [r.params for r in group],
+                            None if keys is None else keys[:, 1:])
+            tokens.append(ids[:, 0])
         mx.eval(tokens, [r.carry for group in groups for r in group])
         updates, finished = [], []
         for group, ids in zip(groups, tokens):

@@ -73,7 +73,7 @@ class Conversations:
         best, best_len = None, 0
         for key, conv in self.kept.items():
             n = common_prefix(conv.tokens, ids)
-            if n > best_len and not conv.busy:
+            if n > best_len:
                 best, best_len = key, n
         if best is None:
             return None
