@@ -24,7 +24,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .chat import apply_template
 from .generate import Pair, Stats, batch_generate, encode, generate
-from .tuning import load_or_measure
+from .tuning import Costs, load_or_measure, speedup_bound
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,9 +45,9 @@ def load_prompts(path: Optional[Path] = None) -> Dict[str, List[str]]:
     return {"file": prompts}
 
 
-def encode_prompt(pair: Pair, text: str) -> List[int]:
-    """One user turn, through the chat template when the target has one."""
-    if pair.tokenizer is not None and pair.tokenizer.has_chat_template:
+def encode_prompt(pair: Pair, text: str, template: bool) -> List[int]:
+    """One user turn through the chat template, or the text itself to be continued."""
+    if template:
         text = apply_template(pair, [{"role": "user", "content": text}])
     return encode(pair, text)
 
@@ -57,11 +57,12 @@ class Setting:
     kind: str
     temperature: float
     draft_tokens: Optional[int]  # None: chosen each round
-    batch: Optional[int] = None
+    batch: Optional[int] = None  # B: B prompts at once with both libraries' batch_generate
+    proposer: str = "hybrid"
 
     @property
     def k_label(self):
-        return "auto" if self.draft_tokens is None else self.draft_tokens  # B: B prompts at once with both libraries' batch_generate
+        return "auto" if self.draft_tokens is None else self.draft_tokens
 
 
 @dataclass
@@ -73,29 +74,39 @@ class Task:
 
 
 def plan(
-    pair: Pair, prompts: Dict[str, List[str]], temperatures, draft_tokens, repeats: int, batches=()
+    pair: Pair,
+    prompts: Dict[str, List[str]],
+    temperatures,
+    draft_tokens,
+    repeats: int,
+    batches=(),
+    proposers=("hybrid",),
+    template: bool = True,
 ) -> List[Task]:
     """Every run to measure, setting by setting.
 
-    Without batches: kind x temperature x draft length, each prompt alone. With batches:
-    batch size x temperature x draft length, each batch the first B prompts of all kinds
-    (cycled when there are fewer).
+    Without batches: kind x temperature x draft length x proposer, each prompt alone. With
+    batches: batch size x temperature x draft length x proposer, each batch the first B
+    prompts of all kinds (cycled when there are fewer). `template`: prompts go through the
+    chat template as a user turn; otherwise they are continued as plain text.
     """
-    encoded = {kind: [encode_prompt(pair, p) for p in texts] for kind, texts in prompts.items()}
+    encoded = {kind: [encode_prompt(pair, p, template) for p in texts] for kind, texts in prompts.items()}
     if batches:
         pool = [p for rows in encoded.values() for p in rows]
         return [
-            Task(Setting("mixed", t, k, b), 0, [pool[i % len(pool)] for i in range(b)], r)
+            Task(Setting("mixed", t, k, b, name), 0, [pool[i % len(pool)] for i in range(b)], r)
             for b in batches
             for t in temperatures
             for k in draft_tokens
+            for name in proposers
             for r in range(repeats)
         ]
     return [
-        Task(Setting(kind, t, k), i, [tokens], r)
+        Task(Setting(kind, t, k, None, name), i, [tokens], r)
         for kind, rows in encoded.items()
         for t in temperatures
         for k in draft_tokens
+        for name in proposers
         for i, tokens in enumerate(rows)
         for r in range(repeats)
     ]
@@ -127,6 +138,7 @@ class Run:
             "batch": s.batch,
             "temperature": s.temperature,
             "draft_tokens": s.k_label,
+            "proposer": s.proposer,
             "prompt": self.task.prompt,
             "repeat": self.task.repeat,
             "seed": self.seed,
@@ -160,6 +172,7 @@ def run_baseline(pair: Pair, task: Task, max_tokens: int, sampling: dict, seed: 
 def run_mtp(pair: Pair, task: Task, max_tokens: int, sampling: dict, seed: int):
     """mlx-mtp: (ids per prompt, generation tokens/s, stats of all rows, per row, K per round)."""
     kwargs = dict(max_tokens=max_tokens, num_draft_tokens=task.setting.draft_tokens, seed=seed, **sampling)
+    pair.use_proposer(task.setting.proposer)
     if task.setting.batch:
         out = batch_generate(pair, task.prompts, **kwargs)
         # mlx-lm's batch_generate leaves out the EOS that ended a row.
@@ -184,12 +197,14 @@ def benchmark(
     first = {}  # one task per batch size and draft length: each compiles its own shapes
     for task in tasks:
         first.setdefault((task.setting.batch, task.setting.draft_tokens), task)
+    # Costs measured afresh before anything is timed: T(1..K + 1) and D for each setting's
+    # bound, and for auto K every batch size a batch passes through as its rows finish.
+    k_max = max([pair.default_draft_tokens] + [task.setting.draft_tokens or 0 for task in tasks])
+    most = 1
     if any(task.setting.draft_tokens is None for task in tasks):
-        # Measured afresh, and for every batch size a batch passes through as its rows
-        # finish, before anything is timed.
         most = max(task.setting.batch or 1 for task in tasks)
-        sizes = [1 << i for i in range((2 * most - 1).bit_length())]  # the powers of two up to `most` and past it
-        pair.costs = {b: load_or_measure(pair, pair.default_draft_tokens, b, refresh=True) for b in sizes}
+    sizes = [1 << i for i in range((2 * most - 1).bit_length())]  # the powers of two up to `most` and past it
+    pair.costs = {b: load_or_measure(pair, k_max, b, refresh=True) for b in sizes}
     for task in first.values():
         run_baseline(pair, task, WARMUP_TOKENS, warm, seed)
         run_mtp(pair, task, WARMUP_TOKENS, warm, seed)
@@ -205,12 +220,13 @@ def benchmark(
         yield Run(task, seed + i, *baseline, *mtp)
 
 
-def summarize(runs: List[Run]) -> dict:
+def summarize(runs: List[Run], costs: Optional[Costs] = None) -> dict:
     """One entry per setting (medians of tokens/s over its runs) and the overall speedup.
 
     The overall speedup is the geometric mean of the settings' speedups, so every kind of
     prompt weighs the same whatever its length. Batched settings also compare mlx-mtp with
-    itself at B = 1 (`vs_batch_1`), when B = 1 was measured.
+    itself at B = 1 (`vs_batch_1`), when B = 1 was measured. Unbatched settings get the
+    `bound` their rounds allow at the measured single-row `costs` (`tuning.speedup_bound`).
     """
     groups: Dict[Setting, List[Run]] = {}
     for run in runs:
@@ -224,6 +240,7 @@ def summarize(runs: List[Run]) -> dict:
             "kind": setting.kind,
             "temperature": setting.temperature,
             "draft_tokens": setting.k_label,
+            "proposer": setting.proposer,
             "baseline_tps": baseline,
             "mtp_tps": mtp,
             "speedup": mtp / baseline if baseline else 0.0,
@@ -234,6 +251,8 @@ def summarize(runs: List[Run]) -> dict:
             "identical": None if setting.temperature > 0 else all(r.identical for r in rs),
             "runs": len(rs),
         }
+        if costs is not None and not setting.batch:
+            entry["bound"] = speedup_bound(costs, stats)
         if setting.batch:
             alone = medians.get(replace(setting, batch=1))
             entry["batch"] = setting.batch
@@ -265,11 +284,12 @@ def machine_info() -> dict:
 def report(pair: Pair, runs: List[Run], config: dict) -> dict:
     """The --json-out document: summary, overall speedup, every run, machine and settings."""
     return {
-        **summarize(runs),
+        **summarize(runs, pair.costs.get(1)),
         "runs": [r.to_dict() for r in runs],
         "model": pair.name,
         "config": config,
-        # What auto K chose from: for one row, and for every batch size.
+        # Seconds: target[n - 1] for a forward over n new tokens, draft_step for one drafter
+        # step; for one row (what the bounds use and auto K chooses from), and by batch size.
         "costs": asdict(pair.costs[1]) if 1 in pair.costs else None,
         "costs_by_batch": {b: asdict(c) for b, c in sorted(pair.costs.items())},
         "machine": machine_info(),

@@ -1,17 +1,40 @@
 """A multi-turn conversation over one prompt cache: each turn feeds only what the cache lacks.
 
-The cache holds exactly what was committed: the templated turns fed so far and the replies as
-generated (with the EOS that ended them, or cut short). A later turn feeds only the template's
-text after the last reply. That text is found by rendering the conversation with a marker in
-place of the last reply, so it does not matter how the template writes replies back (trimmed,
-thinking removed) or whether the reply was cut short.
+A conversation reaches the target as text in one of two ways (`Pair.chat`):
+- "template": an instruction-tuned target's own chat template.
+- "dialogue": a base model does not follow a chat template (it echoes the question), but it
+  continues a plain-text dialogue well: a short preamble with example exchanges, then
+  `User: ...` / `Assistant:` turns. The reply ends where the model starts the next turn or a
+  blank line (`DIALOGUE_STOPS`); that text is never shown, and it leaves the cache.
+
+The cache holds what was committed: the turns fed so far and the replies (with the EOS that
+ended a templated one). A later turn feeds only the text after the last reply. That text is
+found by rendering the conversation with a marker in place of the last reply, so it does not
+matter how the template writes replies back (trimmed, thinking removed) or whether the reply
+was cut short.
 """
 
+from dataclasses import replace
 from typing import Iterator, List, Optional
 
 from .generate import GenerationResponse, Pair, Stats, make_prompt_cache, stream_generate
+from .registry import DIALOGUE
 
 MARKER = "MLX_MTP_LAST_REPLY"
+
+# Chosen by measuring first replies to a dozen questions on the embedded Gemma 3 270M base
+# (scripts/try_dialogue.py; README, "Chatting with a base model").
+DIALOGUE_PREAMBLE = (
+    "A conversation between a user and a helpful assistant. The assistant answers in one or two short sentences.\n"
+    "\n"
+    "User: What is the boiling point of water?\n"
+    "Assistant: Water boils at 100 degrees Celsius at sea level.\n"
+    "\n"
+    "User: Who wrote Romeo and Juliet?\n"
+    "Assistant: William Shakespeare wrote it."
+)
+USER, ASSISTANT = "User:", "Assistant:"
+DIALOGUE_STOPS = ["\n" + USER, "\n\n"]  # the next turn, or a blank line before it
 
 
 def apply_template(pair: Pair, messages: List[dict]) -> str:
@@ -25,10 +48,60 @@ def apply_template(pair: Pair, messages: List[dict]) -> str:
         raise ValueError(f"the chat template cannot render this conversation ({e})") from None
 
 
+def render_dialogue(messages: List[dict]) -> str:
+    """The conversation as a plain-text dialogue ending in `Assistant:`; a system message
+    replaces the preamble's first line. Replies are written back exactly as generated (with
+    their leading space), so a cached reply is a prefix of the next rendering."""
+    preamble = DIALOGUE_PREAMBLE
+    turns = []
+    for m in messages:
+        if m["role"] == "system":
+            preamble = m["content"].strip() + preamble[preamble.index("\n") :]
+        elif m["role"] == "user":
+            turns.append(f"\n\n{USER} {m['content'].strip()}\n{ASSISTANT}")
+        elif m["role"] == "assistant":
+            turns.append(m["content"])
+        else:
+            raise ValueError(f"the dialogue has no role {m['role']!r} (system, user, assistant)")
+    return preamble + "".join(turns)
+
+
+def render(pair: Pair, messages: List[dict]) -> str:
+    """The conversation as this pair's target is asked to continue it."""
+    return render_dialogue(messages) if pair.chat == DIALOGUE else apply_template(pair, messages)
+
+
+def stop_strings(pair: Pair) -> List[str]:
+    """Text that ends a reply (and is not part of it)."""
+    return list(DIALOGUE_STOPS) if pair.chat == DIALOGUE else []
+
+
+class StopText:
+    """Cuts the text at the first stop string, holding back what may begin one."""
+
+    def __init__(self, stops: List[str]):
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, text: str, final: bool):
+        """-> (text safe to emit now, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0 if final else max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])),
+                                   default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+
 class Conversation:
     def __init__(self, pair: Pair, system: Optional[str] = None):
         self.pair = pair
         self.system = system
+        self.stops = stop_strings(pair)
         self.replies: List[Stats] = []  # stats of every reply since the conversation began
         self.reset()
 
@@ -45,17 +118,18 @@ class Conversation:
     def _restart(self):
         self.cache = make_prompt_cache(self.pair)
         self.eos = ""  # text of the EOS that ended the last reply (in the cache, not in the reply)
+        self.unfed = ""  # end of the last reply's text that is not in the cache
 
     def _new_text(self, messages: List[dict]) -> str:
         system = [{"role": "system", "content": self.system}] if self.system else []
         if not self.cache.tokens:
-            return apply_template(self.pair, system + messages)
+            return render(self.pair, system + messages)
         marked = messages[:-2] + [{"role": "assistant", "content": MARKER}, messages[-1]]
-        text = apply_template(self.pair, system + marked)
+        text = render(self.pair, system + marked)
         new = text[text.index(MARKER) + len(MARKER) :]
         if self.eos and new.startswith(self.eos):
             new = new[len(self.eos) :]  # the reply ended with the template's own end of turn
-        return new
+        return self.unfed + new
 
     def reply(self, user: str, **kwargs) -> Iterator[GenerationResponse]:
         """Stream the reply to `user`; same keyword arguments as `stream_generate`.
@@ -66,13 +140,40 @@ class Conversation:
         """
         messages = self.messages + [{"role": "user", "content": user}]
         new = self._new_text(messages)
-        text, last = [], None
+        stop = StopText(self.stops)
+        shown, tokens, last = [], [], None
+        stream = stream_generate(self.pair, new, prompt_cache=self.cache, **kwargs)
         try:
-            for last in stream_generate(self.pair, new, prompt_cache=self.cache, **kwargs):
-                text.append(last.text)
-                yield last
+            for last in stream:
+                tokens += last.tokens
+                text, hit = stop.feed(last.text, final=last.finish_reason is not None)
+                shown.append(text)
+                if hit:  # the model began the next turn: the reply ends here
+                    last = replace(last, finish_reason="stop")
+                yield replace(last, text=text)
+                if hit:
+                    break
         finally:
+            stream.close()  # the row ends and hands the cache back
             if last is not None:  # the prompt and at least one token were committed
-                self.messages = messages + [{"role": "assistant", "content": "".join(text)}]
-                self.eos = self.pair.tokenizer.decode(last.tokens[-1:]) if last.finish_reason == "stop" else ""
+                reply = "".join(shown)
+                self.messages = messages + [{"role": "assistant", "content": reply}]
                 self.replies.append(last.stats)
+                if self.stops:
+                    self._keep_reply(reply, tokens)
+                else:
+                    self.eos = self.pair.tokenizer.decode(last.tokens[-1:]) if last.finish_reason == "stop" else ""
+
+    def _keep_reply(self, reply: str, tokens: List[int]):
+        """Leave in the cache only the reply's tokens whose text is part of the shown reply
+        (not the stop text, an EOS, or what was committed after them); the rest of the
+        reply's text is fed with the next turn."""
+        decode = self.pair.tokenizer.decode
+        end = next((i for i, t in enumerate(tokens) if t in self.pair.eos_ids), len(tokens))
+        # The longest such prefix (a shorter one may end inside a character and decode to
+        # a replacement character that the reply does not have).
+        kept = next(k for k in range(end, -1, -1) if reply.startswith(decode(tokens[:k])))
+        if self.cache.rewind(len(self.cache.tokens) - (len(tokens) - kept)):
+            self.unfed = reply[len(decode(tokens[:kept])) :]
+        else:  # the cache cannot go back that far: read the whole conversation next turn
+            self._restart()

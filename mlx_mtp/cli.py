@@ -26,10 +26,11 @@ from rich.table import Table
 import mlx_mtp
 
 from . import blas, registry
+from .registry import DIALOGUE, TEMPLATE
 from .bench import benchmark, load_prompts, plan, report
 from .cache import MAX_DRAFT_TOKENS
-from .chat import Conversation, apply_template
-from .generate import Pair, Stats, batch_generate
+from .chat import Conversation, apply_template, render
+from .generate import PROPOSERS, Pair, Stats, batch_generate
 from .sampling import SamplingParams
 
 COMMANDS = "/reset  /stats  /system TEXT  /exit"
@@ -105,6 +106,12 @@ DraftTokens = Annotated[
     typer.Option("--draft-tokens", help="Tokens drafted per round (K). Default: chosen each round, up to the pair's."),
 ]
 NoDraft = Annotated[bool, typer.Option("--no-draft", help="Plain decoding of the target, for comparison.")]
+Proposer = Annotated[
+    str,
+    typer.Option(
+        "--proposer", help="Who drafts: hybrid (n-gram lookup, else the drafter), mtp (the drafter alone) or ngram."
+    ),
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More statistics; tracebacks on errors.")]
 
 
@@ -122,8 +129,15 @@ def check_flags(max_tokens: int, temperatures: List[float], top_p: float, top_k:
             fail(str(e))
 
 
-def load_pair(model: Optional[str], target: Optional[str], drafter: Optional[str], verbose: bool) -> Pair:
-    """The pair named by -m, by --target/--drafter, or the default pair."""
+def check_proposers(names: List[str]):
+    for name in names:
+        if name not in PROPOSERS:
+            fail(f"--proposer must be one of {', '.join(PROPOSERS)}, got {name!r}")
+
+
+def load_pair(model: Optional[str], target: Optional[str], drafter: Optional[str], verbose: bool,
+              proposer: str = "hybrid") -> Pair:
+    """The pair named by -m, by --target/--drafter, or the default pair, drafting with `proposer`."""
     if target is None:
         if drafter is not None:
             fail("--drafter needs --target")
@@ -140,6 +154,7 @@ def load_pair(model: Optional[str], target: Optional[str], drafter: Optional[str
         args = (target, drafter)
     tic = time.perf_counter()
     pair = mlx_mtp.load(*args)
+    pair.use_proposer(proposer)  # ValueError: no drafter for "mtp"
     if verbose:
         status(
             f"loaded {pair.name or target} in {time.perf_counter() - tic:.1f} s: "
@@ -207,6 +222,7 @@ def generate(
     seed: Seed = None,
     draft_tokens: DraftTokens = None,
     no_draft: NoDraft = False,
+    proposer: Proposer = "hybrid",
     chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user turn of the chat template.")] = False,
     json_: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text, ids, stats), one line per prompt.")
@@ -229,7 +245,8 @@ def generate(
     prompts = load_prompts(prompts_file)["file"] if prompts_file else [sys.stdin.read() if prompt == "-" else prompt]
     if not prompts[0]:
         fail("the prompt is empty")
-    pair = load_pair(model, target, drafter, verbose)
+    check_proposers([proposer])
+    pair = load_pair(model, target, drafter, verbose, proposer)
     if chat:
         prompts = [apply_template(pair, [{"role": "user", "content": p}]) for p in prompts]
     kwargs = generation_kwargs(max_tokens, temp, top_p, top_k, min_p, seed, draft_tokens, no_draft)
@@ -311,6 +328,19 @@ def print_stats(conversation: Conversation, console: Console):
         console.print(line)
 
 
+def banner(pair: Pair, target: Optional[str]) -> List[str]:
+    """What this model is, how it is asked (base models: see chat.py), and the commands."""
+    name = pair.name or target
+    lines = [f"{name} ({pair.label})" if pair.label else name]
+    if pair.chat == DIALOGUE:
+        lines.append(
+            "a base model, not instruction-tuned: it continues a plain-text dialogue (short, often wrong "
+            "answers); for a real assistant run `mlx-mtp chat -m gemma-4-e2b` on a Mac"
+        )
+    lines.append(f"{COMMANDS}; Ctrl-C stops a reply, Ctrl-D exits")
+    return lines
+
+
 @app.command()
 @one_line_errors
 def chat(
@@ -318,7 +348,7 @@ def chat(
     model: Model = None,
     target: Target = None,
     drafter: Drafter = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per reply.")] = 1024,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per reply.")] = 256,
     temp: Temp = 0.0,
     top_p: TopP = 1.0,
     top_k: TopK = 0,
@@ -326,18 +356,21 @@ def chat(
     seed: Seed = None,
     draft_tokens: DraftTokens = None,
     no_draft: NoDraft = False,
+    proposer: Proposer = "hybrid",
     verbose: Verbose = False,
 ):
     """Multi-turn chat in the terminal; each turn reuses the prompt cache of the earlier ones."""
     if model_name and model:
         fail("give the model once, as MODEL or --model")
     check_flags(max_tokens, [temp], top_p, top_k, min_p, [draft_tokens or 0])
-    pair = load_pair(model_name or model, target, drafter, verbose)
+    check_proposers([proposer])
+    pair = load_pair(model_name or model, target, drafter, verbose, proposer)
     conversation = Conversation(pair)
-    apply_template(pair, [{"role": "user", "content": "hi"}])  # no chat template: fail now, not at turn 1
+    render(pair, [{"role": "user", "content": "hi"}])  # no chat template: fail now, not at turn 1
     kwargs = generation_kwargs(max_tokens, temp, top_p, top_k, min_p, seed, draft_tokens, no_draft)
     console = Console(highlight=False, soft_wrap=True)
-    console.print(f"{pair.name or target}: {COMMANDS}; Ctrl-C stops a reply, Ctrl-D exits", style="dim", markup=False)
+    for line in banner(pair, target):
+        console.print(line, style="dim", markup=False)
     while True:
         try:
             line = input(">>> ")
@@ -401,6 +434,12 @@ def bench(
         Optional[str],
         typer.Option("--batch", help="Batch sizes, e.g. 1,4,8: B prompts at once, against mlx-lm's batch_generate."),
     ] = None,
+    proposer: Annotated[
+        str, typer.Option("--proposer", help="Who drafts, comma-separated, e.g. hybrid,mtp (see generate --help).")
+    ] = "hybrid",
+    ignore_chat_template: Annotated[
+        bool, typer.Option("--ignore-chat-template", help="Continue the prompts as plain text, without the template.")
+    ] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json-out", help="Write the summary and every run.")] = None,
     verbose: Verbose = False,
 ):
@@ -408,7 +447,9 @@ def bench(
     temperatures = parse_list(temp, float, "--temp") or [0.0]
     ks = parse_list(draft_tokens, lambda v: None if v.strip() == "auto" else int(v), "--draft-tokens")
     batches = parse_list(batch, int, "--batch")
+    proposers = parse_list(proposer, str.strip, "--proposer")
     check_flags(max_tokens, temperatures, top_p, top_k, min_p, [k for k in ks if k is not None])
+    check_proposers(proposers)
     if repeats < 1:
         fail(f"--repeats must be >= 1, got {repeats}")
     if any(b < 1 for b in batches):
@@ -419,7 +460,12 @@ def bench(
     pair = load_pair(model, target, drafter, verbose)
     if pair.drafter is None:
         fail("bench compares against a drafter: pass --drafter with --target")
-    tasks = plan(pair, prompt_sets, temperatures, ks or [None], repeats, batches)
+    # A base target echoes templated prompts (and the lookup copies the echo): it continues
+    # the prompts as plain text, as --ignore-chat-template asks of any target.
+    template = pair.chat == TEMPLATE and not ignore_chat_template
+    if template:
+        apply_template(pair, [{"role": "user", "content": "hi"}])  # no template: say so before any run
+    tasks = plan(pair, prompt_sets, temperatures, ks or [None], repeats, batches, proposers, template)
     runs = []
     err = Console(stderr=True, highlight=False)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
@@ -443,7 +489,9 @@ def bench(
         "min_p": min_p,
         "seed": seed,
         "prompts": str(prompts) if prompts else "built-in",
+        "prompt_format": "chat template" if template else "plain text" + ("" if ignore_chat_template else ", a base model"),
         "batch": batches or None,
+        "proposers": proposers,
     }
     result = report(pair, runs, config)
     Console(highlight=False).print(*bench_tables(result))
@@ -459,22 +507,35 @@ def _fraction(x: float) -> str:
 
 
 def bench_tables(result: dict) -> List[Table]:
-    """Speed (with the greedy identity check), then acceptance: each fits 80 columns."""
+    """Speed (with the bound the costs allow and the greedy identity check), then acceptance:
+    each fits 80 columns."""
     rows = result["summary"]
     batched = "batch" in rows[0]
-    speed = Table(title=f"overall speedup {result['overall_speedup']:.2f}x", box=box.SIMPLE_HEAD)
+    proposers = len({r["proposer"] for r in rows}) > 1
+    costs = result.get("costs")
+    title = f"overall speedup {result['overall_speedup']:.2f}x ({result['config']['prompt_format']})"
+    caption = None
+    if costs:
+        curve = " ".join(f"{t * 1000:.0f}" for t in costs["target"])
+        caption = f"target forward over 1..{len(costs['target'])} tokens: {curve} ms; drafter step {costs['draft_step'] * 1000:.1f} ms"
+        caption += "\nbound: the speedup these rounds allow at these costs"
+    speed = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
     accept = Table(caption="accept: drafted tokens accepted; len: tokens per target forward", box=box.SIMPLE_HEAD)
-    setting = ["B" if batched else "kind", "T", "K"]
-    for name in setting + ["mlx-lm tok/s", "mlx-mtp tok/s", "speedup"] + ["vs B=1"] * batched + ["same"]:
-        speed.add_column(name, justify="left" if name == "kind" else "right")
+    setting = ["B" if batched else "kind", "T", "K"] + ["drafts"] * proposers
+    bound = ["bound"] * (not batched)
+    for name in setting + ["mlx-lm tok/s", "mlx-mtp tok/s", "speedup"] + bound + ["vs B=1"] * batched + ["same"]:
+        speed.add_column(name, justify="left" if name in ("kind", "drafts") else "right")
     detail = ["rows' accept", "K chosen (rounds)"] if batched else ["per position", "by source"]
     for name in setting + ["accept", "len"] + detail:
         accept.add_column(name, justify="right" if name in ("B", "T", "K", "accept", "len") else "left")
     for r in rows:
         cells = [str(r["batch"]) if batched else r["kind"], f"{r['temperature']:g}", str(r["draft_tokens"])]
+        cells += [r["proposer"]] * proposers
         ratios = [f"{r['speedup']:.2f}x"]
         if batched:
             ratios.append("-" if r["vs_batch_1"] is None else f"{r['vs_batch_1']:.2f}x")
+        else:
+            ratios.append("-" if r.get("bound") is None else f"{r['bound']:.2f}x")
         # Greedy outputs must be identical; sampled ones differ by design.
         same = {None: "-", True: "yes", False: "[bold red]NO[/]"}[r["identical"]]
         speed.add_row(*cells, f"{r['baseline_tps']:.1f}", f"{r['mtp_tps']:.1f}", *ratios, same)

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -345,9 +345,13 @@ class Engine:
     def _round(self) -> List[Update]:
         tic = time.perf_counter()
         rows = self.rows
-        counts = self._draft_counts(rows)
+        counts, auto = self._draft_counts(rows)
+        started = time.perf_counter()
         results = run_round(self.pair.target, self.pair.proposer, rows, self.cache, counts,
                             [r.remaining for r in rows])
+        if auto:  # K came from the measured costs: check them against this round
+            drafter = any(r.source == "mtp" for r in results)
+            self.pair.observe_round(len(rows), max(counts), drafter, time.perf_counter() - started)
         updates = []
         for row, result in zip(rows, results):
             text = row.commit(result.committed, result.carry)
@@ -363,19 +367,21 @@ class Engine:
         self.stats.generation_time += time.perf_counter() - tic
         return updates
 
-    def _draft_counts(self, rows: List[Row]) -> List[int]:
+    def _draft_counts(self, rows: List[Row]) -> Tuple[List[int], bool]:
         """Per row, drafts this round: its fixed K, or for the others one K chosen from the
-        measured costs of a forward over these rows and their live acceptance."""
+        measured costs of a forward over these rows and their live acceptance; and whether
+        the costs chose."""
         pair = self.pair
         if pair.proposer is None:
-            return [0] * len(rows)
-        auto = [r for r in rows if r.draft_tokens is None]
+            return [0] * len(rows), False
+        auto = [r for r in rows if r.draft_tokens is None] if pair.default_draft_tokens > 0 else []
         k_auto = 0
-        if auto and pair.default_draft_tokens > 0:
+        if auto:
             sources = [pair.proposer.next_source(r.state, r.tokens) for r in auto]
             costs = pair.draft_costs(len(rows))
             k_auto = choose_k(costs, [r.stats for r in auto], sources, pair.default_draft_tokens)
-        return [min(k_auto if r.draft_tokens is None else r.draft_tokens, r.remaining - 1) for r in rows]
+        counts = [min(k_auto if r.draft_tokens is None else r.draft_tokens, r.remaining - 1) for r in rows]
+        return counts, bool(auto)
 
 
 def is_int(x) -> bool:

@@ -16,7 +16,9 @@ from .loading import LoadError, load_pair
 from .proposers import HybridProposer, MTPProposer, NGramProposer
 from .sampling import SamplingParams
 from .stats import BatchStats, Stats
-from .tuning import Costs, interpolate_costs, load_or_measure
+from .tuning import Costs, RoundTimes, interpolate_costs, load_or_measure
+
+PROPOSERS = ("hybrid", "mtp", "ngram")
 
 
 @dataclass
@@ -27,8 +29,12 @@ class Pair:
     eos_ids: frozenset
     name: str = ""
     default_draft_tokens: int = 4
+    chat: str = "template"  # how to chat with the target: "template" or "dialogue" (a base model)
+    label: str = ""  # what the model is, for chat's banner
 
     costs: dict = field(default_factory=dict, repr=False)  # rows (a power of two) -> Costs, for auto K
+    stale_costs: set = field(default_factory=set, repr=False)  # row counts to measure again
+    round_times: RoundTimes = field(default_factory=RoundTimes, repr=False)
 
     def draft_costs(self, rows: int = 1) -> Costs:
         """Costs of target forwards over `rows` rows and of drafter steps, for choosing K:
@@ -36,16 +42,40 @@ class Pair:
 
         def measured(b: int) -> Costs:
             if b not in self.costs:
-                self.costs[b] = load_or_measure(self, self.default_draft_tokens, b)
+                refresh = b in self.stale_costs
+                self.stale_costs.discard(b)
+                self.costs[b] = load_or_measure(self, self.default_draft_tokens, b, refresh)
             return self.costs[b]
 
         return interpolate_costs(measured, rows)
 
+    def observe_round(self, rows: int, k: int, drafter: bool, seconds: float):
+        """A round of `rows` rows that drafted k tokens (with drafter steps or not) took
+        `seconds`: when recent rounds disagree with the costs, they are measured again."""
+        costs = self.draft_costs(rows)
+        if k >= len(costs.target):  # a row's fixed K past what was measured
+            return
+        if self.round_times.disagree(seconds, costs.target[k] + drafter * k * costs.draft_step):
+            self.stale_costs |= set(self.costs)
+            self.costs = {}
+
     def __post_init__(self):
-        # The drafter alone (`mtp`), and the default: n-gram lookup where the context
-        # repeats itself, the drafter elsewhere. Without a drafter: the lookup alone.
         self.mtp = MTPProposer(self.drafter, self.target) if self.drafter else None
-        self.proposer = HybridProposer(self.mtp) if self.mtp else NGramProposer()
+        self.use_proposer("hybrid")
+
+    def use_proposer(self, name: str):
+        """Who drafts from now on: "hybrid" (the default: the n-gram lookup where the context
+        repeats itself, the drafter elsewhere; the lookup alone without a drafter), "mtp"
+        (the drafter alone) or "ngram" (the lookup alone)."""
+        if name not in PROPOSERS:
+            raise ValueError(f"unknown proposer {name!r} (known: {', '.join(PROPOSERS)})")
+        if name == "mtp" and self.mtp is None:
+            raise ValueError("the proposer 'mtp' needs a drafter, and this pair has none")
+        if name == "hybrid" and self.mtp is not None:
+            self.proposer = HybridProposer(self.mtp)
+        else:
+            self.proposer = self.mtp if name == "mtp" else NGramProposer()
+        self.proposer_name = name
 
 
 @dataclass
@@ -68,16 +98,18 @@ class GenerationResult:
 
 def load(target: str, drafter: Optional[str] = None) -> Pair:
     """Load a pair from paths or Hugging Face repo ids, or a models.toml alias."""
-    from .registry import find_pair
+    from .registry import DIALOGUE, TEMPLATE, find_pair
 
-    name, default_k = "", 4
+    name, default_k, chat, label = "", 4, "", ""
     if drafter is None:
         entry = find_pair(target)
         if entry is not None:
             target, drafter = entry.target_path(), entry.drafter_path()
-            name, default_k = entry.alias, entry.draft_tokens
+            name, default_k, chat, label = entry.alias, entry.draft_tokens, entry.chat, entry.label
     target_, drafter_, tokenizer, eos = load_pair(target, drafter)
-    return Pair(target_, drafter_, tokenizer, frozenset(eos), name, default_k)
+    if not chat:  # a checkpoint without a chat template is taken for a base model
+        chat = TEMPLATE if tokenizer is not None and tokenizer.has_chat_template else DIALOGUE
+    return Pair(target_, drafter_, tokenizer, frozenset(eos), name, default_k, chat, label)
 
 
 def make_prompt_cache(pair: Pair) -> PromptCache:

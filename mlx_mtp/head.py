@@ -39,6 +39,8 @@ class ClusteredHead(nn.Module):
         top = mx.argpartition(-centroid_logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]
         clusters = self.token_ordering.reshape(self.num_centroids, -1)  # [N, V/N]
         ids = clusters[top].reshape(h.shape[0], -1)  # [B, top_k * V/N]
-        rows = embedding(ids)  # [B, C, H] (dequantized rows for a quantized embedding)
-        logits = (rows @ h[:, :, None])[..., 0]  # [B, C]
+        # One gather per row: its [C, H] rows (dequantized for a quantized embedding) are
+        # still in cache for the product; one [B, C, H] gather spills them and cost 2.7x as
+        # much at B = 8 on a 2-core CPU.
+        logits = mx.stack([embedding(ids[i]) @ h[i] for i in range(h.shape[0])])  # [B, C]
         return Candidates(logits, ids)

@@ -1,7 +1,10 @@
 """Named pairs from models.toml, and which of their files are already on this machine.
 
 One table per pair: `target` and `drafter` (Hugging Face repo ids or local paths), the default
-draft length and a note. `target_4bit` names an mlx-community quantized target and adds the
+draft length, a note, and how to chat with the target: `chat = "template"` (instruction-tuned:
+its chat template) or `"dialogue"` (a base model: a plain-text dialogue it continues; see
+chat.py); left out, a target with a chat template is "template". `label` names the model in
+chat's banner. `target_4bit` names an mlx-community quantized target and adds the
 alias `<alias>-4bit`. `kind = "embedded"` marks the pair that works offline: its target is
 built on first use by `mlx_mtp.embedded` and its drafter ships inside the package (a path
 relative to it). With no model named, commands use the first embedded pair.
@@ -22,6 +25,7 @@ else:  # pragma: no cover
 PACKAGE = Path(__file__).parent
 REGISTRY = PACKAGE / "models.toml"
 HUB, EMBEDDED = "hub", "embedded"
+TEMPLATE, DIALOGUE = "template", "dialogue"
 
 
 @dataclass
@@ -32,6 +36,8 @@ class PairEntry:
     draft_tokens: int = 4
     note: str = ""
     kind: str = HUB
+    chat: str = ""  # TEMPLATE, DIALOGUE, or "": decided by the checkpoint
+    label: str = ""
 
     def target_path(self) -> str:
         if self.kind == EMBEDDED:
@@ -58,6 +64,8 @@ def load_registry(path: Optional[Path] = None) -> Dict[str, PairEntry]:
             raise ValueError(f"{path}: [{alias}] has unknown keys {sorted(unknown)}")
         if table.get("kind", HUB) not in (HUB, EMBEDDED):
             raise ValueError(f"{path}: [{alias}] kind must be {HUB!r} or {EMBEDDED!r}")
+        if table.get("chat", TEMPLATE) not in (TEMPLATE, DIALOGUE):
+            raise ValueError(f"{path}: [{alias}] chat must be {TEMPLATE!r} or {DIALOGUE!r}")
         out[alias] = PairEntry(alias, **table)
         if quantized:
             out[f"{alias}-4bit"] = replace(

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .chat import apply_template
+from .chat import StopText, render, stop_strings
 from .engine import Engine, PromptCache, check_token_ids
 from .generate import Pair, encode
 from .sampling import SamplingParams
@@ -271,30 +271,9 @@ def chat_prompt(pair: Pair, body: dict) -> List[int]:
             raise BadRequest("each message needs a 'role' and a 'content'", "messages")
         clean.append({"role": m["role"], "content": content})
     try:
-        return encode(pair, apply_template(pair, clean))
+        return encode(pair, render(pair, clean))
     except ValueError as e:
         raise BadRequest(str(e), "messages") from None
-
-
-class StopText:
-    """Cuts the text at the first stop string, holding back what may begin one."""
-
-    def __init__(self, stops: List[str]):
-        self.stops = stops
-        self.pending = ""
-
-    def feed(self, text: str, final: bool):
-        """-> (text safe to emit now, whether a stop string was found)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = 0 if final else max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])),
-                                   default=0)
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
-        return out, False
 
 
 def mtp_stats(stats) -> dict:
@@ -338,6 +317,8 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
             body = await read_json(request)
             settings = parse_settings(body, context)
             ids = chat_prompt(pair, body) if chat else completion_prompt(pair, body)
+            if chat:  # a base target's reply ends where it starts the next turn
+                settings.stop += stop_strings(pair)
             if context and len(ids) >= context:
                 raise BadRequest(f"the prompt has {len(ids)} tokens but the context is {context}", "messages" if chat else "prompt")
         except BadRequest as e:

@@ -5,10 +5,12 @@ adapter owns the caches (rollback-capable, see cache.py) and exposes the KV arra
 last non-shared sliding and full layers: the arrays an MTP drafter cross-attends to.
 """
 
+import copy
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 
 from .cache import BatchCache, shared_kv_view
 
@@ -20,11 +22,51 @@ def _softcap(x, cap):
     return mx.tanh(x / cap) * cap
 
 
+def column_product(x: mx.array, weight: mx.array) -> mx.array:
+    """x @ weight.T computed as (weight @ x.T).T: [..., in] x [out, in] -> [..., out].
+
+    On the CPU the BLAS path taken for x @ W.T with 3 or more rows of x re-packs W, so a
+    forward over K + 1 tokens costs up to twice a forward over one; weight @ x.T reads W
+    once for any few rows (README, "Verification cost"). Same products, summed in another
+    order: results may differ in the last bit, like any change of kernel.
+    """
+    rows = x.reshape(-1, x.shape[-1])  # [M, in]
+    return (weight @ rows.T).T.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class ColumnLinear(nn.Linear):
+    """nn.Linear through `column_product`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = column_product(x, self["weight"])
+        return y + self["bias"] if "bias" in self else y
+
+
+def with_column_linears(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose unquantized linear layers are ColumnLinear; the copy shares
+    every array with the original, which stays unchanged (plain mlx-lm keeps its forward)."""
+    if not isinstance(module, nn.Module):  # e.g. a list of layer indices
+        return module
+    out = copy.copy(module)
+    if type(module) is nn.Linear:
+        out.__class__ = ColumnLinear
+        return out
+    for name in module.children():
+        out[name] = tree_map(with_column_linears, module[name], is_leaf=lambda m: isinstance(m, nn.Module))
+    return out
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
 class Target:
     def __init__(self, model: nn.Module):
         self.model = model
         self.lm = getattr(model, "language_model", model)  # gemma4 wraps its text model
-        self.decoder = self.lm.model
+        # Measured on the CPU only; with Metal, mlx-lm's own layers run unchanged.
+        self.column_major = on_cpu()
+        self.decoder = with_column_linears(self.lm.model) if self.column_major else self.lm.model
         args = self.lm.args
         self.args = args
         self.model_type = args.model_type
@@ -68,10 +110,12 @@ class Target:
         return self.decoder(tokens, cache=cache)
 
     def logits(self, hidden: mx.array) -> mx.array:
-        if getattr(self.lm, "tie_word_embeddings", True):
-            out = self.decoder.embed_tokens.as_linear(hidden)
-        else:
-            out = self.lm.lm_head(hidden)
+        tied = getattr(self.lm, "tie_word_embeddings", True)
+        head = self.decoder.embed_tokens if tied else self.lm.lm_head
+        if self.column_major and type(head) in (nn.Embedding, nn.Linear):
+            out = column_product(hidden, head.weight)
+        else:  # Metal, or a quantized head with its own kernel
+            out = head.as_linear(hidden) if tied else head(hidden)
         if self.softcap:
             out = _softcap(out, self.softcap)
         return out

@@ -8,9 +8,11 @@ the loop picks the K (0 included: plain decoding) with the most tokens per secon
 """
 
 import json
+import statistics
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
-from typing import List
+from typing import List, Optional
 
 import mlx.core as mx
 
@@ -20,12 +22,36 @@ WINDOW = 32  # recent rounds that inform the acceptance estimate
 PRIOR = (2.0, 2.0)  # Beta prior on each conditional acceptance: (accepted, rejected); a few
 # unlucky rounds at the start must not switch drafting off
 PROBE_EVERY = 8  # after this many plain rounds, draft once to refresh the estimate
+COSTS_FORMAT = "v2"  # in the key of remembered costs: bumped when the forward's costs change
 
 
 @dataclass
 class Costs:
     target: List[float]  # target[n - 1]: seconds for a forward over n new tokens
     draft_step: float  # seconds for one drafter step
+
+
+class RoundTimes:
+    """Live round times against the costs K was chosen from. Costs are measured once and
+    remembered, so one taken at a busy moment (or on another machine state) would pin K
+    forever; when the median round of the last WINDOW differs from its predicted cost by
+    more than a factor MARGIN either way (rounds also pay for sampling and bookkeeping, a few
+    percent), the costs are to be measured again."""
+
+    WINDOW = 64
+    MARGIN = 2.0
+
+    def __init__(self):
+        self.ratios = deque(maxlen=self.WINDOW)  # measured / predicted seconds
+
+    def disagree(self, seconds: float, predicted: float) -> bool:
+        self.ratios.append(seconds / predicted)
+        if len(self.ratios) < self.WINDOW:
+            return False
+        if 1 / self.MARGIN <= statistics.median(self.ratios) <= self.MARGIN:
+            return False
+        self.ratios.clear()
+        return True
 
 
 def _fastest_time(fn, repeats: int = 5) -> float:
@@ -78,7 +104,7 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
 def shape_key(pair, k_max: int, rows: int = 1) -> str:
     """Costs depend on shapes, dtype and device, not on weights: the key of a measurement."""
     t, d = pair.target, pair.drafter
-    parts = [t.model_type, t.hidden_size, len(t.layer_types), t.vocab_size, t.dtype, mx.default_device(), k_max]
+    parts = [COSTS_FORMAT, t.model_type, t.hidden_size, len(t.layer_types), t.vocab_size, t.dtype, mx.default_device(), k_max]
     if d is not None:
         parts += [d.text_args.hidden_size, d.text_args.num_hidden_layers, d.args.use_ordered_embeddings]
     if rows > 1:
@@ -111,6 +137,21 @@ def interpolate_costs(measured, rows: int) -> Costs:
     w = (rows - low) / low
     target = [x + w * (y - x) for x, y in zip(a.target, b.target)]
     return Costs(target, a.draft_step + w * (b.draft_step - a.draft_step))
+
+
+def speedup_bound(costs: Costs, stats) -> Optional[float]:
+    """The speedup over plain decoding that these rounds allow at these costs, with nothing
+    else spent: tokens committed, at T(1) each for plain decoding, over what the rounds cost
+    (T(k + 1) + k D for a drafter round of k drafts, T(k + 1) for a lookup round). For a
+    fixed K and the drafter alone that is tau T(1) / (T(K + 1) + K D), tau the mean accepted
+    length. None if a round drafted more than the costs cover."""
+    spent = 0.0
+    for drafts, source in zip(stats.drafts, stats.sources):
+        k = len(drafts)
+        if k >= len(costs.target):
+            return None
+        spent += costs.target[k] + (k * costs.draft_step if source == "mtp" else 0.0)
+    return sum(stats.committed) * costs.target[0] / spent if spent else None
 
 
 def conditional_acceptance(drafts: List[List[int]], accepted: List[int], k_max: int) -> List[float]:

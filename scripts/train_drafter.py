@@ -247,7 +247,7 @@ def self_prompts(pair, B: int, rng: random.Random) -> list:
             prompts.append([bos] + ids)
         else:
             turn = rng.choice(CHAT_WRAPPERS).format(text=pair.tokenizer.decode(ids).strip())
-            prompts.append(encode_prompt(pair, turn))  # as the bench and chat send a user turn
+            prompts.append(encode_prompt(pair, turn, True))  # as the bench and chat send a user turn
     return prompts
 
 
@@ -740,7 +740,7 @@ def stage_eval(args):
     tic = time.perf_counter()
     pair = mlx_mtp.load(str(ensure_target()), args.drafter)
     if args.prompts == "bench":  # mlx-mtp bench's built-in prompts, as bench sends them
-        prompts = [encode_prompt(pair, p) for kind in load_prompts().values() for p in kind]
+        prompts = [encode_prompt(pair, p, True) for kind in load_prompts().values() for p in kind]
     else:
         prompts = [encode(pair, p) for p in EVAL_PROMPTS]
     proposers = {"drafter": pair.mtp, "hybrid": pair.proposer}

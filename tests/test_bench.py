@@ -32,10 +32,11 @@ def test_a_prompts_file_has_one_prompt_per_line(tmp_path):
         bench.load_prompts(path)
 
 
-def test_prompts_go_through_the_chat_template():
+def test_prompts_go_through_the_chat_template_or_are_continued_as_they_are():
     pair = load_pair("e2b")
-    ids = bench.encode_prompt(pair, "Hello world")
+    ids = bench.encode_prompt(pair, "Hello world", True)
     assert pair.tokenizer.decode(ids) == "<bos><start_of_turn>user\nHello world<end_of_turn>\n<start_of_turn>model\n"
+    assert pair.tokenizer.decode(bench.encode_prompt(pair, "Hello world", False)) == "<bos>Hello world"
 
 
 def test_the_plan_covers_every_setting_prompt_and_repeat():
@@ -59,7 +60,7 @@ def test_greedy_runs_match_plain_mlx_lm_and_are_marked_identical():
 
 def test_the_identity_check_counts_the_eos_as_mlx_lm_yields_it():
     pair = mlx_mtp.load(str(FIXTURES / "target_e2b"), str(FIXTURES / "drafter_sparse"))
-    prompt = bench.encode_prompt(pair, "Hello world")
+    prompt = bench.encode_prompt(pair, "Hello world", True)
     stop = mlx_mtp.generate(pair, prompt, max_tokens=6).tokens[3]
     pair.eos_ids = pair.eos_ids | {stop}
     pair.tokenizer.add_eos_token(str(stop))
@@ -99,7 +100,7 @@ def test_a_batch_plan_takes_the_first_prompts_of_all_kinds():
     pair = load_pair("e2b")
     tasks = bench.plan(pair, {"a": ["x", "y"], "b": ["z"]}, [0.0], [2], repeats=2, batches=[1, 4])
     assert [(t.setting.batch, len(t.prompts)) for t in tasks] == [(1, 1), (1, 1), (4, 4), (4, 4)]
-    x, y, z = (bench.encode_prompt(pair, p) for p in "xyz")
+    x, y, z = (bench.encode_prompt(pair, p, True) for p in "xyz")
     assert tasks[-1].prompts == [x, y, z, x]
 
 

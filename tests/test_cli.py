@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import mlx_mtp
 from conftest import FIXTURES, load_pair
-from mlx_mtp import bench, chat, cli
-from mlx_mtp.generate import GenerationResponse, Stats
+from mlx_mtp import bench, chat, cli, registry
+from mlx_mtp.generate import GenerationResponse, Stats, encode
 from test_registry import copy_to_hub_cache, hub_cache, toml  # noqa: F401 (fixtures)
 
 TARGET, DRAFTER = FIXTURES / "target_e2b", FIXTURES / "drafter_sparse"
@@ -408,13 +408,60 @@ def test_chat_reports_a_failed_turn_and_goes_on(monkeypatch):
     assert calls[1].startswith("<bos>")  # the failed turn left nothing behind
 
 
-def test_chat_needs_a_chat_template(tmp_path):
-    target = tmp_path / "target"
+@pytest.fixture
+def base_target(tmp_path):
+    """The e2b fixture without a chat template: a checkpoint taken for a base model."""
+    target = tmp_path / "base_target"
     shutil.copytree(TARGET, target)
     config = json.loads((target / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (target / "tokenizer_config.json").write_text(json.dumps(config))
-    assert "no chat template" in one_line_error(run("chat", "--target", target, input="Hello\n"))
+    return target
+
+
+def first_occurrence(text: str, start: int) -> int:
+    """A position >= start where the 3 characters there occur for the first time."""
+    return next(i for i in range(start, len(text) - 3) if text.find(text[i : i + 3]) == i)
+
+
+def test_a_base_target_chats_through_the_dialogue_framing(base_target, fed):
+    pair = mlx_mtp.load(str(base_target), str(DRAFTER))
+    assert pair.chat == "dialogue"
+    conversation = chat.Conversation(pair)
+    seen = chat.DIALOGUE_PREAMBLE + "\n\nUser: Hello\nAssistant:"
+    # What the model says to that, and a stop text in its middle, as a turn marker would be.
+    full = mlx_mtp.generate(pair, seen, max_tokens=16).text
+    cut = first_occurrence(full, 4)
+    conversation.stops = [full[cut : cut + 3]]
+    shown = "".join(r.text for r in conversation.reply("Hello", max_tokens=16))
+    assert fed.prompts[0] == seen  # exactly the expected text
+    assert shown == full[:cut]  # stopped there, and the stop text is not shown
+    assert conversation.messages[-1] == {"role": "assistant", "content": shown}
+    # The cache keeps the reply only up to the stop: what it holds is what was shown.
+    held = pair.tokenizer.decode(conversation.cache.tokens)
+    assert held + conversation.unfed == "<bos>" + seen + shown
+    # The next turn reads only the new text and answers as a fresh run on the whole text.
+    before = list(conversation.cache.tokens)
+    ids = [t for r in conversation.reply("Thanks", max_tokens=8) for t in r.tokens]
+    assert held + fed.prompts[1] == "<bos>" + seen + shown + "\n\nUser: Thanks\nAssistant:"
+    read = before + encode(pair, fed.prompts[1], first=False)
+    assert conversation.cache.tokens[: len(read)] == read
+    assert mlx_mtp.generate(pair, read, max_tokens=8).tokens == ids
+
+
+def test_chat_with_a_base_target_says_what_it_is(base_target):
+    result = run("chat", "--target", base_target, "--drafter", DRAFTER, "-n", 4, input="Hello\n")
+    assert result.exit_code == 0, result.output
+    assert "a base model" in result.stdout and "mlx-mtp chat -m gemma-4-e2b" in result.stdout
+    assert len(replies(result)) == 1
+    templated = run("chat", *PAIR, "-n", 4, input="Hello\n")
+    assert "a base model" not in templated.stdout
+
+
+def test_the_embedded_pair_is_a_base_model_with_a_label():
+    entry = registry.find_pair("gemma-3-270m")
+    assert entry.chat == "dialogue" and entry.label == "Gemma 3 270M base, offline demo"
+    assert all(e.chat in ("", "template") for e in registry.load_registry().values() if e.kind != "embedded")
 
 
 # bench
@@ -500,3 +547,52 @@ def test_bench_bad_inputs_fail_in_one_line(prompts_file, tmp_path):
     assert "comma-separated" in one_line_error(run("bench", *PAIR, "--draft-tokens", "2,x"))
     assert "--batch sizes" in one_line_error(run("bench", *PAIR, "--batch", "0,4"))
     assert "no directory" in one_line_error(run("bench", *PAIR, "--json-out", tmp_path / "nowhere" / "b.json"))
+
+
+def test_bench_compares_proposers_on_plain_text_with_the_cost_curve_and_bound(prompts_file, tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--prompts", prompts_file, "-n", 8, "--repeats", 1, "--proposer", "hybrid,mtp", "--ignore-chat-template",
+            "--draft-tokens", 2]
+    result = run("bench", *PAIR, *args, "--json-out", out)
+    assert result.exit_code == 0, result.output
+    assert "(plain text)" in result.stdout and "bound" in result.stdout and "target forward over 1..5" in result.stdout
+    report = json.loads(out.read_text())
+    assert [e["proposer"] for e in report["summary"]] == ["hybrid", "mtp"]
+    assert report["config"]["prompt_format"] == "plain text"
+    pair = load_pair("e2b")
+    assert report["runs"][0]["prompt_tokens"] == [len(encode(pair, "Hello world"))]  # no template
+    mtp = report["summary"][1]
+    assert set(mtp["by_source"]) == {"mtp"}  # the drafter alone
+    costs = report["costs"]
+    assert len(costs["target"]) == 5 and costs["draft_step"] > 0
+    runs = [r for r in report["runs"] if r["proposer"] == "mtp"]
+    spent = sum(costs["target"][len(d)] + len(d) * costs["draft_step"] for r in runs for d in r["mtp"]["drafts"])
+    committed = sum(sum(r["mtp"]["committed"]) for r in runs)
+    assert mtp["bound"] == pytest.approx(committed * costs["target"][0] / spent)
+
+
+def test_bench_continues_plain_text_on_a_base_target(base_target, prompts_file, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", "--target", base_target, "--drafter", DRAFTER, "--prompts", prompts_file, "-n", 4,
+                 "--repeats", 1, "--json-out", out)
+    assert result.exit_code == 0, result.output
+    assert "(plain text, a base model)" in result.stdout
+    assert json.loads(out.read_text())["config"]["prompt_format"] == "plain text, a base model"
+    templated = run("bench", *PAIR, "--prompts", prompts_file, "-n", 4, "--repeats", 1)
+    assert "(chat template)" in templated.stdout
+
+
+@pytest.mark.parametrize("proposer, sources", [("mtp", {"mtp"}), ("ngram", {"ngram"}), ("hybrid", {"mtp", "ngram"})])
+def test_generate_drafts_with_the_proposer_asked_for(proposer, sources):
+    prompt = "one two three one two three one two three one two"
+    out = generate_json(prompt, *PAIR, "-n", 16, "--proposer", proposer, "--draft-tokens", 2)
+    expected = mlx_mtp.generate(load_pair("e2b"), prompt, max_tokens=16, num_draft_tokens=0)
+    assert out["tokens"] == expected.tokens
+    used = set(out["stats"]["sources"]) - {"none"}  # "none": a round with nothing to draft
+    assert used == sources if proposer != "hybrid" else used <= sources and used
+
+
+def test_bad_proposers_fail_in_one_line(prompts_file):
+    assert "--proposer must be one of hybrid, mtp, ngram" in one_line_error(run("generate", "Hi", *PAIR, "--proposer", "x"))
+    assert "--proposer must be one of" in one_line_error(run("bench", *PAIR, "--proposer", "hybrid,y"))
+    assert "needs a drafter" in one_line_error(run("generate", "Hi", "--target", TARGET, "--proposer", "mtp"))

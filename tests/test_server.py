@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 
 import mlx_mtp
 from conftest import FIXTURES, load_pair, plain_greedy, prompt_of
+from mlx_mtp.chat import DIALOGUE_STOPS, render_dialogue
+from mlx_mtp.generate import encode
 
 TARGET, DRAFTER = str(FIXTURES / "target_e2b"), str(FIXTURES / "drafter_sparse")
 K = 2  # the server's fixed draft length: seeded samples are then reproducible row by row
@@ -27,10 +30,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *flags):
+    def __init__(self, *flags, target=TARGET):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--target", TARGET,
+        cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--target", str(target),
                "--drafter", DRAFTER, "--port", str(self.port), *map(str, flags)]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -150,6 +153,28 @@ def test_chat_uses_the_template_and_a_continued_conversation_reads_only_new_toke
     # The first turn's prompt is not read again (the reply is, from where its text re-encodes
     # to other ids than the ones generated: the kept conversation is rolled back to there).
     assert 0 < read <= again.usage.prompt_tokens - reply.usage.prompt_tokens
+
+
+def test_a_base_target_answers_chat_as_a_dialogue_and_stops_at_the_next_turn(tmp_path):
+    base = tmp_path / "base_target"
+    shutil.copytree(TARGET, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    del config["chat_template"]  # a checkpoint without a chat template: a base model
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    pair = mlx_mtp.load(str(base), DRAFTER)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    text = render_dialogue(messages)
+    assert text.startswith("Be brief.\n\nUser: ") and text.endswith("\n\nUser: Hello\nAssistant:")
+    full = mlx_mtp.generate(pair, text, max_tokens=48, num_draft_tokens=K).text
+    ends = [i for i in (full.find(stop) for stop in DIALOGUE_STOPS) if i >= 0]
+    server = Server("--draft-tokens", K, target=base)
+    try:
+        out = server.client.chat.completions.create(model=str(base), messages=messages, max_tokens=48, temperature=0)
+    finally:
+        server.stop()
+    assert out.usage.prompt_tokens == len(encode(pair, text))
+    assert out.choices[0].message.content == full[: min(ends, default=len(full))]
+    assert out.choices[0].finish_reason == ("stop" if ends else "length")
 
 
 def test_stop_strings_end_the_text_before_them(server, pair):

@@ -1,0 +1,104 @@
+"""The CPU verify path: column-major products, the drafter's per-row head, cost bounds and
+costs that are measured again when live rounds disagree with them."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import mlx_mtp
+from conftest import FIXTURES, PAIRS, ContinuationProposer, load_pair, plain_greedy, prompt_of
+from mlx_mtp.head import ClusteredHead
+from mlx_mtp.stats import Stats
+from mlx_mtp.target import ColumnLinear, with_column_linears
+from mlx_mtp.tuning import Costs, RoundTimes, speedup_bound
+
+
+@pytest.mark.parametrize("name", ["e2b", "31b", "moe"])
+def test_the_verify_forward_shares_weights_and_leaves_mlx_lm_model_unchanged(name):
+    target = load_pair(name).target
+    assert target.column_major  # on the CPU
+    ours, theirs = target.decoder.layers[0].self_attn.q_proj, target.lm.model.layers[0].self_attn.q_proj
+    assert type(ours) is ColumnLinear and type(theirs) is nn.Linear
+    assert ours.weight is theirs.weight  # no copy of any weight
+    leaves = lambda m: [id(v) for _, v in nn.utils.tree_flatten(m.parameters())]  # noqa: E731
+    assert leaves(target.decoder) == leaves(target.lm.model)
+
+
+@pytest.mark.parametrize("name", ["e2b", "31b", "moe"])
+@pytest.mark.parametrize("n", [1, 3, 5, 9])
+def test_column_major_logits_equal_mlx_lm_logits(name, n):
+    target = load_pair(name).target
+    tokens = mx.array([prompt_of(12 + n, seed=n)])
+    expected = target.model(tokens)  # mlx-lm's own forward and head
+    cache = target.make_cache()
+    target.hidden(tokens[:, :12], cache)
+    logits = target.logits(target.hidden(tokens[:, 12:], cache))  # a verify of n tokens
+    assert mx.allclose(logits, expected[:, 12:], atol=1e-4, rtol=1e-4)
+    assert mx.array_equal(mx.argmax(logits, -1), mx.argmax(expected[:, 12:], -1))
+
+
+def test_column_linear_with_bias_equals_linear():
+    linear = nn.Linear(6, 4, bias=True)
+    x = mx.random.normal((2, 3, 6))
+    column = with_column_linears(linear)
+    assert type(column) is ColumnLinear and type(linear) is nn.Linear
+    assert mx.allclose(column(x), linear(x), atol=1e-6)
+
+
+def test_per_row_clustered_head_equals_one_batched_gather():
+    head = ClusteredHead(hidden_size=8, vocab_size=64, num_centroids=8, top_k=3)
+    head.token_ordering = mx.random.permutation(64).astype(mx.int32)
+    embedding = nn.Embedding(64, 8)
+    h = mx.random.normal((5, 8))
+    out = head(h, embedding)
+    rows = embedding(out.ids)  # [B, C, H]
+    assert mx.allclose(out.logits, (rows @ h[:, :, None])[..., 0], atol=1e-5)
+
+
+def test_long_verify_stays_exact_with_column_products(with_proposer):
+    # 16 drafts a round: a 17-token verify forward, past any small-M kernel switch.
+    pair = load_pair("31b")
+    prompt = prompt_of(40, seed=3)
+    expected = plain_greedy(pair.target.model, prompt, 60)
+    with_proposer(pair, ContinuationProposer([prompt + expected], noise=0.05))
+    assert mlx_mtp.generate(pair, prompt, max_tokens=60, num_draft_tokens=16).tokens == expected
+
+
+def test_bound_for_a_fixed_draft_length_is_tau_t1_over_the_round_cost():
+    costs = Costs(target=[0.10, 0.11, 0.12, 0.13], draft_step=0.01)
+    stats = Stats(drafts=[[5, 6]] * 4, accepted=[2, 1, 0, 1], sources=["mtp"] * 4, committed=[3, 2, 1, 2])
+    tau = 2.0
+    assert speedup_bound(costs, stats) == pytest.approx(tau * 0.10 / (0.12 + 2 * 0.01))
+    # Lookup rounds pay no drafter steps; plain rounds cost T(1) for their one token.
+    stats = Stats(drafts=[[5, 6], []], accepted=[2, 0], sources=["ngram", "none"], committed=[3, 1])
+    assert speedup_bound(costs, stats) == pytest.approx(4 * 0.10 / (0.12 + 0.10))
+    long = Stats(drafts=[[5] * 4], accepted=[4], sources=["mtp"], committed=[5])
+    assert speedup_bound(costs, long) is None  # T(5) was not measured
+
+
+def test_round_times_disagree_only_over_a_full_window_by_a_wide_margin():
+    times = RoundTimes()
+    assert not any(times.disagree(0.15, 0.1) for _ in range(3 * times.WINDOW))  # 1.5x: overheads
+    # Faster rounds take over the median of the window after half of it.
+    assert [times.disagree(0.01, 0.1) for _ in range(times.WINDOW // 2 + 1)][-2:] == [False, True]
+    times = RoundTimes()
+    assert not any(times.disagree(0.01, 0.1) for _ in range(times.WINDOW - 1))
+    assert times.disagree(0.01, 0.1)  # the window is full, the median 10x off
+    assert not times.disagree(0.01, 0.1)  # and starts over
+
+
+def test_costs_from_a_busy_moment_are_measured_again(tmp_path, monkeypatch, with_proposer):
+    monkeypatch.setenv("MLX_MTP_HOME", str(tmp_path))
+    target, drafter = PAIRS["31b"]
+    pair = mlx_mtp.load(str(FIXTURES / target), str(FIXTURES / drafter))
+    pair.costs = {1: Costs([10.0] * 5, 1.0)}  # seconds: a forward here takes milliseconds
+    prompt = prompt_of(10, seed=4)
+    expected = plain_greedy(pair.target.model, prompt, RoundTimes.WINDOW + 10)
+    with_proposer(pair, ContinuationProposer([], noise=1.0))  # wrong drafts: one token a round
+    out = mlx_mtp.generate(pair, prompt, max_tokens=RoundTimes.WINDOW + 10)
+    assert out.tokens == expected
+    assert pair.costs[1].target[0] < 1.0  # measured again after one window of rounds
+    on_disk = json.loads((tmp_path / "costs.json").read_text())
+    assert {"target": pair.costs[1].target, "draft_step": pair.costs[1].draft_step} in on_disk.values()
