@@ -26,11 +26,12 @@ from rich.table import Table
 import mlx_mtp
 
 from . import blas, registry
-from .registry import DIALOGUE, TEMPLATE
 from .bench import benchmark, load_prompts, plan, report
 from .cache import MAX_DRAFT_TOKENS
+from .engine import NO_LIMIT
 from .chat import Conversation, apply_template, render
 from .generate import PROPOSERS, Pair, Stats, batch_generate
+from .registry import DIALOGUE, TEMPLATE
 from .sampling import SamplingParams
 
 COMMANDS = "/reset  /stats  /system TEXT  /exit"
@@ -117,8 +118,8 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More statistics;
 
 def check_flags(max_tokens: int, temperatures: List[float], top_p: float, top_k: int, min_p: float, ks: List[int]):
     """Bad flag values fail before any model is loaded (or downloaded)."""
-    if max_tokens < 1:
-        fail(f"--max-tokens must be >= 1, got {max_tokens}")
+    if max_tokens < 1 and max_tokens != NO_LIMIT:
+        fail(f"--max-tokens must be >= 1, or -1 for no limit, got {max_tokens}")
     for k in ks:
         if not 0 <= k <= MAX_DRAFT_TOKENS:
             fail(f"--draft-tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k}")
@@ -179,6 +180,8 @@ def summary_line(stats: Stats, finish_reason: Optional[str] = None, tps: Optiona
         parts.append("no drafts")
     if finish_reason == "length":
         parts.append("stopped at max tokens")
+    elif finish_reason == "context":
+        parts.append("stopped at the end of the context")
     return ", ".join(parts)
 
 

@@ -25,6 +25,7 @@ What a row guarantees:
   being read is dropped, its conversation untouched).
 """
 
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .stats import BatchStats, Stats
 from .tuning import choose_k
 
 PREFILL_STEP = 2048  # prompt ids read per step, in one forward
+NO_LIMIT = -1  # max_tokens as in mlx-lm: until a stop id or the end of the context
 
 
 @dataclass
@@ -91,7 +93,7 @@ class Update:
 
 class Row:
     def __init__(self, prompt, conversation: Optional[PromptCache], params, key, max_tokens, stop_ids, draft_tokens,
-                 state, detokenizer):
+                 state, detokenizer, at_context: bool = False):
         self.prompt = prompt  # ids to read after the conversation's
         self.keeps_conversation = conversation is not None  # else nobody reads it at the end
         conversation = conversation if conversation is not None else PromptCache()
@@ -103,6 +105,7 @@ class Row:
         self.params: SamplingParams = params
         self.key = key  # None for greedy rows
         self.max_tokens = max_tokens
+        self.at_context = at_context  # max_tokens is what the context leaves
         self.stop_ids = stop_ids
         self.draft_tokens = draft_tokens  # fixed K, or None: chosen per round
         self.state = state  # the proposer's state for this row
@@ -136,7 +139,7 @@ class Row:
         if tokens[-1] in self.stop_ids:
             self.finish_reason = "stop"
         elif self.remaining <= 0:
-            self.finish_reason = "length"
+            self.finish_reason = "context" if self.at_context else "length"
         self.stats.generation_time = time.perf_counter() - self.started
         if self.detokenizer is None:
             return ""
@@ -178,8 +181,8 @@ class Engine:
         draft_tokens: K every round (0: plain decoding), or None to choose K per round
         from measured costs and the live acceptance, up to the pair's default."""
         prompt = check_token_ids(prompt, self.pair.target.vocab_size)
-        if not is_int(max_tokens) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        if not is_int(max_tokens) or not (max_tokens >= 1 or max_tokens == NO_LIMIT):
+            raise ValueError(f"max_tokens must be an integer >= 1, or -1 for no limit, got {max_tokens!r}")
         if draft_tokens is not None and not (is_int(draft_tokens) and 0 <= draft_tokens <= MAX_DRAFT_TOKENS):
             raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {draft_tokens!r}")
         if seed is not None and not (is_int(seed) and 0 <= seed < 2**64):
@@ -190,8 +193,10 @@ class Engine:
         context = self.pair.target.max_positions
         if context and needed >= context:
             raise ValueError(f"the prompt needs {needed} positions but the target's context is {context}")
-        if context:
-            max_tokens = min(max_tokens, context - needed)
+        # A row ends at the target's context (mlx-lm would go on, past trained positions).
+        room = context - needed if context else sys.maxsize
+        at_context = max_tokens == NO_LIMIT or room < max_tokens
+        max_tokens = room if at_context else max_tokens
         key = None
         if not params.greedy:
             key = mx.random.key(seed if seed is not None else mx.random.randint(0, 2**31 - 1).item())
@@ -207,6 +212,7 @@ class Engine:
             draft_tokens,
             proposer.new_state() if proposer is not None else None,
             tokenizer.detokenizer if tokenizer is not None else None,
+            at_context,
         )
         row.conversation.busy = True
         self.waiting.append(row)
@@ -289,7 +295,7 @@ class Engine:
             keys = round_keys(group)
             empty = Proposal(mx.zeros((len(group), 0), mx.int32))
             _, ids = accept(logits, empty, [0] * len(group), [r.params for r in group],
-                            None if keys is None else keys[:, 1:])
+                            None if keys is None else keys[:, 1:], [r.tokens + r.prompt for r in group])
             tokens.append(ids[:, 0])
         mx.eval(tokens, [r.carry for group in groups for r in group])
         updates, finished = [], []

@@ -9,7 +9,7 @@ then passes only the new tokens and nothing is read twice.
 """
 
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 from .engine import Engine, PromptCache
 from .loading import LoadError, load_pair
@@ -75,7 +75,6 @@ class Pair:
             self.proposer = HybridProposer(self.mtp)
         else:
             self.proposer = self.mtp if name == "mtp" else NGramProposer()
-        self.proposer_name = name
 
 
 @dataclass
@@ -141,16 +140,21 @@ def stream_generate(
     num_draft_tokens: Optional[int] = None,
     seed: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
+    logits_processors: Optional[List[Callable]] = None,
 ) -> Iterator[GenerationResponse]:
-    """Yield committed text round by round; the last chunk has a finish_reason.
+    """Yield committed text round by round; the last chunk has a finish_reason ("stop": a
+    stop id, "length": max_tokens, "context": the end of the target's context).
 
+    max_tokens: -1 for no limit (until a stop id or the end of the context), as in mlx-lm.
+    temperature, top_p, top_k, min_p, logits_processors: as mlx-lm's `make_sampler` and
+    `logits_processors` (see `SamplingParams`).
     num_draft_tokens: K drafts every round (0: plain decoding), or None to choose K each
     round from the pair's measured costs and the live acceptance, up to its default.
     seed: this generation's own random key (None: drawn from MLX's global stream).
     Stopping early (closing the generator, Ctrl-C, an exception) keeps what was committed
     in `prompt_cache`.
     """
-    params = SamplingParams(temperature, top_p, top_k, min_p)
+    params = SamplingParams(temperature, top_p, top_k, min_p, logits_processors)
     first = prompt_cache is None or not prompt_cache.tokens
     engine = Engine(pair, max_batch=1)
     row = engine.add(encode(pair, prompt, first), params, max_tokens, seed, num_draft_tokens, prompt_cache=prompt_cache)
@@ -191,6 +195,7 @@ def batch_generate(
     seed: Union[None, int, List[Optional[int]]] = None,
     prompt_caches: Optional[List[Optional[PromptCache]]] = None,
     max_batch: Optional[int] = None,
+    logits_processors: Optional[List[Callable]] = None,
 ) -> BatchResults:
     """Generate for every prompt; row i gives what `generate` gives for prompt i alone.
 
@@ -201,7 +206,7 @@ def batch_generate(
     """
     if not prompts:
         raise ValueError("no prompts given")
-    params = SamplingParams(temperature, top_p, top_k, min_p)
+    params = SamplingParams(temperature, top_p, top_k, min_p, logits_processors)
     seeds = seed if isinstance(seed, (list, tuple)) else [None if seed is None else seed + i for i in range(len(prompts))]
     caches = prompt_caches or [None] * len(prompts)
     if len(seeds) != len(prompts) or len(caches) != len(prompts):

@@ -99,15 +99,13 @@ def _load_weights_into(path: Path, config: dict, classes=None):
 
 
 def _eos_ids(path: Path, config: dict) -> set:
-    ids = set()
-    configs = [config, config.get("text_config") or {}]
+    """Stop ids as mlx-lm takes them: generation_config.json's eos_token_id when it has one,
+    else config.json's (the tokenizer's own EOS is added by the tokenizer wrapper)."""
+    eos = config.get("eos_token_id")
     gen = path / "generation_config.json"
     if gen.exists():
-        configs.append(json.loads(gen.read_text()))
-    for c in configs:
-        eos = c.get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return ids
+        eos = json.loads(gen.read_text()).get("eos_token_id") or eos
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 def load_target(path: Path):

@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from .cache import MAX_DRAFT_TOKENS
 from .drafter import Drafter
-from .sampling import Proposal, SamplingParams, group_rows, log_probs, regroup, sample_candidates
+from .sampling import Proposal, SamplingParams, group_rows, log_probs, process_logits, regroup, sample_candidates
 from .target import Target
 
 
@@ -85,11 +85,14 @@ class MTPProposer(StatelessProposer):
         for step in range(k):
             embedding = self.target.embed(token[:, None])
             candidates, carry = self.drafter(embedding, carry, kv, masks, ctx.position)
+            drafted = mx.stack(tokens, axis=1) if tokens else mx.zeros((len(ctx.params), 0), mx.int32)
+            logits = process_logits(candidates.logits[:, None], ctx.params, ctx.history, drafted, step,
+                                    candidates.ids, self.drafter.vocab_size)[:, 0]  # as the target's p
             if len(groups) == 1 and groups[0][0].greedy:
-                logprobs = candidates.logits  # argmax needs no normalization
+                logprobs = logits  # argmax needs no normalization
                 token, q = sample_candidates(logprobs, candidates.ids, True)
             else:  # each row by its own settings, from its own key
-                parts = [self._sample(candidates, mx.array(rows), p, step_keys, step) for p, rows in groups]
+                parts = [self._sample(logits, candidates.ids, mx.array(rows), p, step_keys, step) for p, rows in groups]
                 token, q, logprobs = (regroup(list(x), groups) for x in zip(*parts))
             tokens.append(token)
             q_draft.append(q)
@@ -101,14 +104,16 @@ class MTPProposer(StatelessProposer):
         )
 
     @staticmethod
-    def _sample(candidates, index: mx.array, params: SamplingParams, step_keys, step: int):
-        """Drafts of the rows `index` (equal settings): (tokens [G], q of them [G], q [G, C])."""
-        ids = None if candidates.ids is None else candidates.ids[index]
+    def _sample(logits: mx.array, ids: Optional[mx.array], index: mx.array, params: SamplingParams, step_keys,
+                step: int):
+        """Drafts of the rows `index` (equal settings) from logits [B, C] over ids [B, C]
+        (None: the vocabulary): (tokens [G], q of them [G], q [G, C])."""
+        ids = None if ids is None else ids[index]
         if params.greedy:  # the round verifies greedy rows by argmax: q is never read
-            logprobs = candidates.logits[index].astype(mx.float32)
+            logprobs = logits[index].astype(mx.float32)
             token, q = sample_candidates(logprobs, ids, True)
         else:
-            logprobs = log_probs(candidates.logits[index], params)
+            logprobs = log_probs(logits[index], params)
             token, q = sample_candidates(logprobs, ids, False, None if step_keys is None else step_keys[index, step])
         return token, q, logprobs
 

@@ -117,6 +117,6 @@ def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts:
 
     hidden = target.hidden(mx.concatenate([ctx.token[:, None], proposal.tokens], axis=1), cache)
     logits = target.logits(hidden)  # [B, K + 1, V]
-    accepted, out = accept(logits, proposal, counts, ctx.params, accept_keys)
+    accepted, out = accept(logits, proposal, counts, ctx.params, accept_keys, ctx.history)
     mx.eval(accepted, out, proposal.tokens)
     return proposal, hidden, accepted.tolist(), out.tolist()

@@ -5,7 +5,7 @@ All functions are lazy MLX graphs over rows [B]; the round evaluates them once.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -13,16 +13,29 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """mlx-lm's `make_sampler` settings, with its "off" values (top_p 0 or 1, top_k 0,
+    min_p 0), and its logits processors: `processor(tokens, logits) -> logits`, tokens [N]
+    the ids before the predicted position, logits [1, V] (e.g. from mlx-lm's
+    `make_logits_processors`: logit bias, repetition penalty). They are applied, in order,
+    to the target's p and to the drafter's q alike, before the settings above."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    logits_processors: Tuple[Callable, ...] = ()
 
     def __post_init__(self):
+        processors = tuple(self.logits_processors or ())
+        if not all(callable(f) for f in processors):
+            raise ValueError("logits_processors must be callables (tokens, logits) -> logits")
+        object.__setattr__(self, "logits_processors", processors)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (0 or 1: off), got {self.top_p}")
+        if self.top_p == 0:  # off, as in mlx-lm; one spelling, so equal settings share a graph
+            object.__setattr__(self, "top_p", 1.0)
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
@@ -31,6 +44,36 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def process_logits(logits: mx.array, params: Sequence[SamplingParams], histories: List[List[int]],
+                   drafts: mx.array, first: int = 0, ids: Optional[mx.array] = None, vocab_size: int = 0) -> mx.array:
+    """Each row's logits processors applied to logits [B, T, C]: position t of row b
+    predicts the token after histories[b] + drafts[b, : first + t] (what mlx-lm's
+    `generate_step` passes as `tokens`). ids [B, C]: the candidate ids of a sparse head,
+    whose logits are placed in a [1, vocab_size] row (-inf elsewhere) for the processors.
+    Rows without processors are returned as they are."""
+    if not any(p.logits_processors for p in params):
+        return logits
+    rows = []
+    for b, p in enumerate(params):
+        if not p.logits_processors:
+            rows.append(logits[b])
+            continue
+        history = mx.array(histories[b], mx.int32)
+        positions = []
+        for t in range(logits.shape[1]):
+            tokens = mx.concatenate([history, drafts[b, : first + t].astype(mx.int32)])
+            x = logits[b, t][None]  # [1, C]
+            if ids is not None:
+                x = mx.put_along_axis(mx.full((1, vocab_size), -mx.inf, x.dtype), ids[b][None], x, axis=-1)
+            for processor in p.logits_processors:
+                x = processor(tokens, x)
+            if ids is not None:
+                x = mx.take_along_axis(x, ids[b][None], axis=-1)
+            positions.append(x[0])
+        rows.append(mx.stack(positions))
+    return mx.stack(rows)
 
 
 def log_probs(logits: mx.array, params: SamplingParams) -> mx.array:
@@ -168,13 +211,16 @@ def regroup(parts: List[mx.array], groups: List[tuple]) -> mx.array:
     return out[mx.array(inverse)]
 
 
-def accept(target_logits: mx.array, proposal: Proposal, counts: List[int], params: list, keys: Optional[mx.array]):
+def accept(target_logits: mx.array, proposal: Proposal, counts: List[int], params: list, keys: Optional[mx.array],
+           histories: List[List[int]]):
     """Verify every row by its own rule: accepted [B] and tokens [B, K+1].
 
     Row i considers only its first counts[i] drafts, with its own sampling settings
-    params[i] and random keys keys[i] ([B, 2, 2], see `accept_sampled`): a row decides
-    exactly as it would alone at that K. Rows with equal settings and counts share one graph.
+    params[i] (logits processors first, on the ids histories[i] + its drafts) and random
+    keys keys[i] ([B, 2, 2], see `accept_sampled`): a row decides exactly as it would alone
+    at that K. Rows with equal settings and counts share one graph.
     """
+    target_logits = process_logits(target_logits, params, histories, proposal.tokens)
     if all(p.greedy for p in params):
         return accept_greedy(target_logits, proposal.tokens, mx.array(counts))
     K = proposal.k

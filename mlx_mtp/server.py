@@ -188,14 +188,14 @@ class Worker:
 
 # Requests: parsing and checking, one field at a time.
 
-def _number(body: dict, name: str, default, kind=float, low=None, high=None, low_open=False):
+def _number(body: dict, name: str, default, kind=float, low=None, high=None):
     value = body.get(name, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
-    if low is not None and (value <= low if low_open else value < low):
-        raise BadRequest(f"'{name}' must be {'>' if low_open else '>='} {low}, got {value}", name)
+    if low is not None and value < low:
+        raise BadRequest(f"'{name}' must be >= {low}, got {value}", name)
     if high is not None and value > high:
         raise BadRequest(f"'{name}' must be <= {high}, got {value}", name)
     return kind(value)
@@ -217,7 +217,7 @@ def parse_settings(body: dict, context: Optional[int]) -> Settings:
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _number({param: max_tokens}, param, 256, int, low=1, high=context)
     temperature = _number(body, "temperature", 1.0, low=0)
-    top_p = _number(body, "top_p", 1.0, low=0, high=1, low_open=True)
+    top_p = _number(body, "top_p", 1.0, low=0, high=1)  # 0: off, as in mlx-lm
     top_k = _number(body, "top_k", 0, int, low=0)
     min_p = _number(body, "min_p", 0.0, low=0, high=1)
     seed = body.get("seed")
@@ -349,6 +349,7 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
                 if event[0] == "error":
                     raise event[1]
                 _, new, text, finish, stats = event
+                finish = "length" if finish == "context" else finish  # OpenAI's name for both limits
                 tokens += len(new)
                 text, hit = stop.feed(text, final=finish is not None)
                 if hit:

@@ -27,7 +27,7 @@ def column_product(x: mx.array, weight: mx.array) -> mx.array:
 
     On the CPU the BLAS path taken for x @ W.T with 3 or more rows of x re-packs W, so a
     forward over K + 1 tokens costs up to twice a forward over one; weight @ x.T reads W
-    once for any few rows (README, "Verification cost"). Same products, summed in another
+    once for any few rows (README, "Fast CPU path"). Same products, summed in another
     order: results may differ in the last bit, like any change of kernel.
     """
     rows = x.reshape(-1, x.shape[-1])  # [M, in]

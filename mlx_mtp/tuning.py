@@ -34,12 +34,14 @@ class Costs:
 class RoundTimes:
     """Live round times against the costs K was chosen from. Costs are measured once and
     remembered, so one taken at a busy moment (or on another machine state) would pin K
-    forever; when the median round of the last WINDOW differs from its predicted cost by
-    more than a factor MARGIN either way (rounds also pay for sampling and bookkeeping, a few
-    percent), the costs are to be measured again."""
+    forever. A live round also pays for sampling and bookkeeping, so it takes a little longer
+    than its predicted cost, never much less: costs are the fastest of several runs. When
+    the median round of the last WINDOW takes under FAST or over SLOW times its prediction,
+    the costs are to be measured again."""
 
     WINDOW = 64
-    MARGIN = 2.0
+    FAST = 0.75  # the measurement was slowed by other load
+    SLOW = 2.0  # the machine itself got slower (wide: a busy moment must not be pinned)
 
     def __init__(self):
         self.ratios = deque(maxlen=self.WINDOW)  # measured / predicted seconds
@@ -48,7 +50,7 @@ class RoundTimes:
         self.ratios.append(seconds / predicted)
         if len(self.ratios) < self.WINDOW:
             return False
-        if 1 / self.MARGIN <= statistics.median(self.ratios) <= self.MARGIN:
+        if self.FAST <= statistics.median(self.ratios) <= self.SLOW:
             return False
         self.ratios.clear()
         return True

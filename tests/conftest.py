@@ -31,11 +31,12 @@ def prompt_of(length: int, seed: int = 0) -> list:
     return [rng.randrange(3, 512) for _ in range(length)]
 
 
-def plain_greedy(model, prompt: list, max_tokens: int, eos=frozenset({1})) -> list:
+def plain_greedy(model, prompt: list, max_tokens: int, eos=frozenset({1}), logits_processors=None) -> list:
     """What plain mlx-lm decoding gives (its own caches, one token per forward), through
     the EOS that stops it, as mlx-lm's stream_generate yields it."""
     tokens = []
-    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+    steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, logits_processors=logits_processors)
+    for token, _ in steps:
         tokens.append(token)
         if token in eos:
             break

@@ -121,12 +121,12 @@ def test_generate_needs_one_prompt_source_and_a_valid_batch(args, message, promp
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["-n", "-1"], "--max-tokens must be >= 1"),
+        (["-n", "-2"], "--max-tokens must be >= 1, or -1 for no limit"),
         (["-n", "0"], "--max-tokens must be >= 1"),
         (["-n", "many"], "--max-tokens"),
         (["--temp", "-0.5"], "temperature must be >= 0"),
-        (["--top-p", "0"], "top_p must be in (0, 1]"),
-        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--top-p", "-0.5"], "top_p must be in [0, 1]"),
+        (["--top-p", "1.5"], "top_p must be in [0, 1]"),
         (["--top-k", "-1"], "top_k"),
         (["--min-p", "2"], "min_p"),
         (["--draft-tokens", "99"], "--draft-tokens must be in"),

@@ -10,6 +10,7 @@ import pytest
 
 import mlx_mtp
 from conftest import plain_greedy
+from mlx_mtp import chat
 from mlx_mtp.loading import load_drafter
 from mlx_mtp.registry import PACKAGE, default_pair
 
@@ -101,11 +102,23 @@ def test_shipped_pair_greedy_matches_plain_mlx_lm(pair, prompt):
 def test_shipped_drafter_alone_greedy_matches_plain_mlx_lm(pair):
     ids = pair.tokenizer.encode(PROMPTS[0])
     expected = plain_greedy(pair.target.model, ids, 40, pair.eos_ids)
-    hybrid = pair.proposer
     try:
-        pair.proposer = pair.mtp
+        pair.use_proposer("mtp")
         got = mlx_mtp.generate(pair, ids, max_tokens=40, num_draft_tokens=3)
     finally:
-        pair.proposer = hybrid
+        pair.use_proposer("hybrid")
     assert got.tokens == expected
     assert got.stats.drafted_tokens > 0 and got.stats.by_source.keys() == {"mtp"}
+
+
+@pytest.mark.slow
+def test_embedded_chat_answers_briefly_through_the_dialogue(pair):
+    # A base model: through Gemma's chat template it repeats the question until the limit.
+    assert pair.chat == "dialogue"
+    conversation = chat.Conversation(pair)
+    replies = []
+    for question in ["What is the capital of France?", "Who painted the Mona Lisa?"]:
+        chunks = list(conversation.reply(question, max_tokens=64))
+        replies.append(("".join(c.text for c in chunks).strip(), chunks[-1].finish_reason))
+    assert replies == [("Paris.", "stop"), ("Leonardo da Vinci.", "stop")]  # ended at the next turn
+    assert conversation.replies[1].prompt_tokens < 20  # the second turn read only its own text

@@ -94,7 +94,8 @@ def test_text_prompt_without_tokenizer_is_refused(tmp_path):
     "kwargs, match",
     [
         ({"temperature": -1.0}, "temperature"),
-        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": -0.5}, "top_p"),
+        ({"max_tokens": -2}, "or -1 for no limit"),
         ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"num_draft_tokens": -1}, "num_draft_tokens"),

@@ -196,7 +196,7 @@ BAD = [
     ("completions", {"prompt": "hi", "max_tokens": 10**6}, "max_tokens"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}, "max_completion_tokens"),
     ("completions", {"prompt": "hi", "temperature": -1}, "temperature"),
-    ("completions", {"prompt": "hi", "top_p": 0}, "top_p"),
+    ("completions", {"prompt": "hi", "top_p": -0.1}, "top_p"),
     ("completions", {"prompt": "hi", "top_p": 1.5}, "top_p"),
     ("completions", {"prompt": ""}, "prompt"),
     ("completions", {"prompt": []}, "empty"),

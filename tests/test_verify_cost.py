@@ -80,7 +80,9 @@ def test_bound_for_a_fixed_draft_length_is_tau_t1_over_the_round_cost():
 
 def test_round_times_disagree_only_over_a_full_window_by_a_wide_margin():
     times = RoundTimes()
-    assert not any(times.disagree(0.15, 0.1) for _ in range(3 * times.WINDOW))  # 1.5x: overheads
+    assert not any(times.disagree(0.08, 0.1) for _ in range(3 * times.WINDOW))  # noise, not spoilt costs
+    times = RoundTimes()
+    assert not any(times.disagree(0.15, 0.1) for _ in range(3 * times.WINDOW))  # 1.5x: a busy moment
     # Faster rounds take over the median of the window after half of it.
     assert [times.disagree(0.01, 0.1) for _ in range(times.WINDOW // 2 + 1)][-2:] == [False, True]
     times = RoundTimes()
