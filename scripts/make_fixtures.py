@@ -25,6 +25,9 @@ exactly like published Hugging Face checkpoints):
     reference.npz       reference outputs computed with transformers (see reference.json)
     reference.json      description of every key of reference.npz + findings
 
+The quantized conversions of these fixtures (tests/fixtures/converted/) are made from its
+output by scripts/convert_fixtures.py, with mlx_vlm.convert and mlx_lm.convert (a venv of its own).
+
 Weights are not transformers' default init (std 0.02, which gives near-uniform logits): see ``reinit``.
 The drafters are then distilled for a few seconds on greedy sequences of their target (``distill``), so the
 fixture pairs accept some drafts and reject others (rounds with 0..K accepted all occur). The reference

@@ -1,5 +1,7 @@
 """Choosing K from measured costs and live acceptance."""
 
+import pytest
+
 import mlx_mtp
 from conftest import ContinuationProposer, load_pair, plain_greedy, prompt_of
 from mlx_mtp.stats import Stats
@@ -27,7 +29,20 @@ def test_conditional_acceptance_from_rounds():
     drafts = [[1, 2, 3]] * 10
     accepted = [3] * 5 + [0] * 5  # position 1: 5 of 10; positions 2, 3: all that got there
     a = conditional_acceptance(drafts, accepted, 3)
-    assert abs(a[0] - 7 / 14) < 1e-9 and abs(a[1] - 7 / 9) < 1e-9 and abs(a[2] - 7 / 9) < 1e-9
+    # Each shrunk (4 rounds' weight) towards 1/2, then towards the position before it.
+    assert a[0] == pytest.approx((5 + 2) / 14)
+    assert a[1] == pytest.approx((5 + 4 * a[0]) / 9) and a[2] == pytest.approx((5 + 4 * a[1]) / 9)
+
+
+def test_a_position_never_drafted_is_expected_to_do_as_well_as_the_one_before():
+    # A lookup right 9 times in 10 at two drafts: the third is tried, not written off at 1/2.
+    stats = Stats(drafts=[[5, 6]] * 30, accepted=[2] * 27 + [0] * 3, sources=["ngram"] * 30)
+    a = conditional_acceptance(stats.drafts, stats.accepted, 3)
+    assert a[2] == pytest.approx(a[1]) and a[1] > 0.9
+    # A third draft costs 19% more here: worth it at a_3 ~ a_2, not at a_3 = 1/2.
+    costs = Costs(target=[1.0, 1.0, 1.05, 1.25], draft_step=0.0)
+    assert choose_k(costs, [stats], ["ngram"], 3) == 3
+    assert best_k(costs, [a[:2] + [0.5]]) == 2
 
 
 def test_plain_rounds_are_probed_now_and_then():
