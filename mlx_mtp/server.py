@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from mlx_lm.sample_utils import make_logits_processors
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -212,7 +213,27 @@ class Settings:
     stream: bool = False
 
 
-def parse_settings(body: dict, context: Optional[int]) -> Settings:
+def parse_processors(body: dict, vocab_size: int) -> list:
+    """mlx-lm's logits processors from OpenAI's `logit_bias`, `presence_penalty` and
+    `frequency_penalty` and mlx_lm.server's `repetition_penalty` / `repetition_context_size`."""
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise BadRequest("'logit_bias' must map token ids to numbers", "logit_bias")
+    ids = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.lstrip("-").isdigit() and 0 <= int(key) < vocab_size):
+            raise BadRequest(f"'logit_bias' keys must be token ids in 0..{vocab_size - 1}, got {key!r}", "logit_bias")
+        ids[int(key)] = _number({"logit_bias": value}, "logit_bias", 0.0, low=-100, high=100)
+    return make_logits_processors(
+        ids,
+        repetition_penalty=_number(body, "repetition_penalty", None, low=0),
+        repetition_context_size=_number(body, "repetition_context_size", 20, int, low=1),
+        presence_penalty=_number(body, "presence_penalty", None, low=-2, high=2),
+        frequency_penalty=_number(body, "frequency_penalty", None, low=-2, high=2),
+    )
+
+
+def parse_settings(body: dict, context: Optional[int], vocab_size: int) -> Settings:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _number({param: max_tokens}, param, 256, int, low=1, high=context)
@@ -232,7 +253,7 @@ def parse_settings(body: dict, context: Optional[int]) -> Settings:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", "stream")
-    params = SamplingParams(temperature, top_p, top_k, min_p)
+    params = SamplingParams(temperature, top_p, top_k, min_p, parse_processors(body, vocab_size))
     return Settings(params, max_tokens, seed if seed is None else seed % 2**32, stop, stream)
 
 
@@ -315,7 +336,7 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
         try:
             check_auth(request)
             body = await read_json(request)
-            settings = parse_settings(body, context)
+            settings = parse_settings(body, context, pair.target.vocab_size)
             ids = chat_prompt(pair, body) if chat else completion_prompt(pair, body)
             if chat:  # a base target's reply ends where it starts the next turn
                 settings.stop += stop_strings(pair)

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from mlx_lm.sample_utils import make_logits_processors
 
 import mlx_mtp
 from conftest import FIXTURES, load_pair, plain_greedy, prompt_of
@@ -177,6 +178,17 @@ def test_a_base_target_answers_chat_as_a_dialogue_and_stops_at_the_next_turn(tmp
     assert out.choices[0].finish_reason == ("stop" if ends else "length")
 
 
+def test_penalties_and_logit_bias_equal_generate_with_mlx_lm_processors(server, pair):
+    prompt = prompt_of(10, seed=7)
+    fields = {"logit_bias": {"7": 3.0, "9": -100}, "repetition_penalty": 1.5, "frequency_penalty": 0.5}
+    out = complete(server, prompt, max_tokens=20, extra_body=fields)
+    processors = make_logits_processors({7: 3.0, 9: -100}, repetition_penalty=1.5, frequency_penalty=0.5)
+    expected = mlx_mtp.generate(pair, prompt, max_tokens=20, num_draft_tokens=K, logits_processors=processors)
+    assert out.choices[0].text == expected.text
+    assert expected.tokens != mlx_mtp.generate(pair, prompt, max_tokens=20, num_draft_tokens=K).tokens
+    assert 9 not in expected.tokens
+
+
 def test_stop_strings_end_the_text_before_them(server, pair):
     prompt = prompt_of(10, seed=11)
     text = mlx_mtp.generate(pair, prompt, max_tokens=30, num_draft_tokens=K).text
@@ -198,6 +210,12 @@ BAD = [
     ("completions", {"prompt": "hi", "temperature": -1}, "temperature"),
     ("completions", {"prompt": "hi", "top_p": -0.1}, "top_p"),
     ("completions", {"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ("completions", {"prompt": "hi", "logit_bias": {"512": 1.0}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": {"x": 1.0}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": {"7": 500}}, "logit_bias"),
+    ("completions", {"prompt": "hi", "logit_bias": [1, 2]}, "logit_bias"),
+    ("completions", {"prompt": "hi", "repetition_penalty": -1}, "repetition_penalty"),
+    ("completions", {"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
     ("completions", {"prompt": ""}, "prompt"),
     ("completions", {"prompt": []}, "empty"),
     ("chat/completions", {"messages": []}, "messages"),
