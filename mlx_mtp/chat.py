@@ -23,7 +23,7 @@ from .registry import DIALOGUE
 MARKER = "MLX_MTP_LAST_REPLY"
 
 # Chosen by measuring first replies to a dozen questions on the embedded Gemma 3 270M base
-# (scripts/try_dialogue.py; README, "Chatting with a base model").
+# (scripts/chat_questions.py; README, "Chatting with the 270M base model").
 DIALOGUE_PREAMBLE = (
     "A conversation between a user and a helpful assistant. The assistant answers in one or two short sentences.\n"
     "\n"
