@@ -131,6 +131,8 @@ def check_flags(max_tokens: int, temperatures: List[float], top_p: float, top_k:
 
 
 def check_proposers(names: List[str]):
+    if not names:
+        fail(f"--proposer needs one of {', '.join(PROPOSERS)}")
     for name in names:
         if name not in PROPOSERS:
             fail(f"--proposer must be one of {', '.join(PROPOSERS)}, got {name!r}")
@@ -453,6 +455,8 @@ def bench(
     proposers = parse_list(proposer, str.strip, "--proposer")
     check_flags(max_tokens, temperatures, top_p, top_k, min_p, [k for k in ks if k is not None])
     check_proposers(proposers)
+    if max_tokens < 1:  # both libraries must stop at the same length to be compared
+        fail(f"bench needs --max-tokens >= 1, got {max_tokens}")
     if repeats < 1:
         fail(f"--repeats must be >= 1, got {repeats}")
     if any(b < 1 for b in batches):

@@ -68,7 +68,11 @@ def process_logits(logits: mx.array, params: Sequence[SamplingParams], histories
             if ids is not None:
                 x = mx.put_along_axis(mx.full((1, vocab_size), -mx.inf, x.dtype), ids[b][None], x, axis=-1)
             for processor in p.logits_processors:
+                shape = x.shape
                 x = processor(tokens, x)
+                if not isinstance(x, mx.array) or x.shape != shape:  # shapes are known before evaluation
+                    raise ValueError(f"a logits processor must return logits of shape {list(shape)}, "
+                                     f"got {list(x.shape) if isinstance(x, mx.array) else type(x).__name__}")
             if ids is not None:
                 x = mx.take_along_axis(x, ids[b][None], axis=-1)
             positions.append(x[0])

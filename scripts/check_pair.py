@@ -49,8 +49,15 @@ def main():
     args = parser.parse_args()
     if (args.model is None) == (args.target is None):
         parser.error("give an alias or --target (with --drafter)")
+    if not args.json_out.parent.is_dir():  # find out now, not after the whole run
+        parser.error(f"--json-out: no directory {args.json_out.parent}")
+    if args.max_tokens < 1:
+        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
 
-    pair = mlx_mtp.load(args.model) if args.model else mlx_mtp.load(args.target, args.drafter)
+    try:
+        pair = mlx_mtp.load(args.model) if args.model else mlx_mtp.load(args.target, args.drafter)
+    except ValueError as e:  # mlx_mtp.LoadError: an unknown alias, a pair that does not fit
+        parser.exit(1, f"error: {e}\n")
     if pair.drafter is None:
         parser.error("the pair has no drafter")
     template = pair.chat == TEMPLATE

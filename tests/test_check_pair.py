@@ -33,6 +33,15 @@ def test_check_pair_reports_identity_acceptance_speed_and_memory(tmp_path):
     assert check["max_rss"] > check["target_weight_bytes"]
 
 
-def test_check_pair_needs_a_pair():
-    result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True)
-    assert result.returncode == 2 and "give an alias or --target" in result.stderr
+def test_check_pair_bad_inputs_fail_in_one_line(tmp_path):
+    def check(*args):
+        result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        return result.stderr.strip().splitlines()[-1]
+
+    pair = ["--target", FIXTURES / "target_31b", "--drafter", FIXTURES / "drafter_dense"]
+    assert "give an alias or --target" in check()
+    assert "error: no-such-alias: no such directory" in check("no-such-alias")
+    assert "--json-out: no directory" in check(*pair, "--json-out", tmp_path / "nowhere" / "c.json")
+    assert "--max-tokens must be >= 1" in check(*pair, "-n", 0)
+    assert "does not match target" in check("--target", FIXTURES / "target_31b", "--drafter", FIXTURES / "drafter_bad_hidden")

@@ -596,3 +596,5 @@ def test_bad_proposers_fail_in_one_line(prompts_file):
     assert "--proposer must be one of hybrid, mtp, ngram" in one_line_error(run("generate", "Hi", *PAIR, "--proposer", "x"))
     assert "--proposer must be one of" in one_line_error(run("bench", *PAIR, "--proposer", "hybrid,y"))
     assert "needs a drafter" in one_line_error(run("generate", "Hi", "--target", TARGET, "--proposer", "mtp"))
+    assert "--proposer needs one of" in one_line_error(run("bench", *PAIR, "--proposer", ","))
+    assert "bench needs --max-tokens >= 1" in one_line_error(run("bench", *PAIR, "--prompts", prompts_file, "-n", -1))

@@ -110,6 +110,20 @@ def test_greedy_with_logits_processors_equals_mlx_lm_with_them(name, k, with_pro
     assert out.tokens == expected and max(out.stats.accepted) >= min(k, 2)  # accepted runs: processed positions
 
 
+def test_a_processor_that_returns_the_wrong_shape_is_an_error_not_a_wrong_answer():
+    pair = load_pair("31b")
+    prompt = prompt_of(2100, seed=8)  # past a prefill chunk
+    cache = mlx_mtp.make_prompt_cache(pair)
+    with pytest.raises(ValueError, match=r"must return logits of shape \[1, 512\], got \[1, 10\]"):
+        mlx_mtp.generate(pair, prompt, max_tokens=5, prompt_cache=cache, logits_processors=[lambda t, x: x[:, :10]])
+    with pytest.raises(ValueError, match="logits_processors must be callables"):
+        mlx_mtp.generate(pair, prompt, max_tokens=5, logits_processors=[3])
+    # The failed turn left nothing behind, and the next one is exact.
+    assert cache.tokens == []
+    expected = plain_greedy(pair.target.model, prompt, 6, logits_processors=penalties())
+    assert mlx_mtp.generate(pair, prompt, max_tokens=6, prompt_cache=cache, logits_processors=penalties()).tokens == expected
+
+
 def test_rows_with_and_without_processors_in_one_batch():
     pair = load_pair("e2b")
     prompts = [prompt_of(n, seed=20 + n) for n in (9, 15)]
