@@ -38,7 +38,7 @@ from .cache import MAX_DRAFT_TOKENS
 from .round import round_keys, run_round
 from .sampling import Proposal, SamplingParams, accept, group_rows
 from .stats import BatchStats, Stats
-from .tuning import choose_k
+from .tuning import Costs, choose_k
 
 PREFILL_STEP = 2048  # prompt ids read per step, in one forward
 NO_LIMIT = -1  # max_tokens as in mlx-lm: until a stop id or the end of the context
@@ -351,13 +351,13 @@ class Engine:
     def _round(self) -> List[Update]:
         tic = time.perf_counter()
         rows = self.rows
-        counts, auto = self._draft_counts(rows)
+        counts, costs = self._draft_counts(rows)
         started = time.perf_counter()
         results = run_round(self.pair.target, self.pair.proposer, rows, self.cache, counts,
                             [r.remaining for r in rows])
-        if auto:  # K came from the measured costs: check them against this round
+        if costs is not None:  # K came from the measured costs: check them against this round
             drafter = any(r.source == "mtp" for r in results)
-            self.pair.observe_round(len(rows), max(counts), drafter, time.perf_counter() - started)
+            self.pair.observe_round(costs, max(counts), drafter, time.perf_counter() - started)
         updates = []
         for row, result in zip(rows, results):
             text = row.commit(result.committed, result.carry)
@@ -373,21 +373,21 @@ class Engine:
         self.stats.generation_time += time.perf_counter() - tic
         return updates
 
-    def _draft_counts(self, rows: List[Row]) -> Tuple[List[int], bool]:
+    def _draft_counts(self, rows: List[Row]) -> Tuple[List[int], Optional[Costs]]:
         """Per row, drafts this round: its fixed K, or for the others one K chosen from the
-        measured costs of a forward over these rows and their live acceptance; and whether
-        the costs chose."""
+        measured costs of a forward over these rows and their live acceptance; and those
+        costs (None if no row's K came from them)."""
         pair = self.pair
         if pair.proposer is None:
-            return [0] * len(rows), False
+            return [0] * len(rows), None
         auto = [r for r in rows if r.draft_tokens is None] if pair.default_draft_tokens > 0 else []
-        k_auto = 0
+        k_auto, costs = 0, None
         if auto:
             sources = [pair.proposer.next_source(r.state, r.tokens) for r in auto]
             costs = pair.draft_costs(len(rows))
             k_auto = choose_k(costs, [r.stats for r in auto], sources, pair.default_draft_tokens)
         counts = [min(k_auto if r.draft_tokens is None else r.draft_tokens, r.remaining - 1) for r in rows]
-        return counts, bool(auto)
+        return counts, costs
 
 
 def is_int(x) -> bool:

@@ -49,10 +49,10 @@ class Pair:
 
         return interpolate_costs(measured, rows)
 
-    def observe_round(self, rows: int, k: int, drafter: bool, seconds: float):
-        """A round of `rows` rows that drafted k tokens (with drafter steps or not) took
-        `seconds`: when recent rounds disagree with the costs, they are measured again."""
-        costs = self.draft_costs(rows)
+    def observe_round(self, costs: Costs, k: int, drafter: bool, seconds: float):
+        """A round whose K was chosen from `costs` drafted k tokens (with drafter steps or
+        not) and took `seconds`: when recent rounds disagree with the costs, they are
+        measured again."""
         if k >= len(costs.target):  # a row's fixed K past what was measured
             return
         if self.round_times.disagree(seconds, costs.target[k] + drafter * k * costs.draft_step):
