@@ -85,9 +85,11 @@ class MTPProposer(StatelessProposer):
         for step in range(k):
             embedding = self.target.embed(token[:, None])
             candidates, carry = self.drafter(embedding, carry, kv, masks, ctx.position)
-            drafted = mx.stack(tokens, axis=1) if tokens else mx.zeros((len(ctx.params), 0), mx.int32)
-            logits = process_logits(candidates.logits[:, None], ctx.params, ctx.history, drafted, step,
-                                    candidates.ids, self.drafter.vocab_size)[:, 0]  # as the target's p
+            logits = candidates.logits
+            if any(p.logits_processors for p in ctx.params):  # as the target's p will be
+                drafted = mx.stack(tokens, axis=1) if tokens else mx.zeros((len(ctx.params), 0), mx.int32)
+                logits = process_logits(logits[:, None], ctx.params, ctx.history, drafted, step,
+                                        candidates.ids, self.drafter.vocab_size)[:, 0]
             if len(groups) == 1 and groups[0][0].greedy:
                 logprobs = logits  # argmax needs no normalization
                 token, q = sample_candidates(logprobs, candidates.ids, True)
