@@ -36,9 +36,16 @@ def main():
     parser.add_argument("--preamble", type=Path, help="a file with another dialogue preamble")
     parser.add_argument("-n", "--max-tokens", type=int, default=64)
     args = parser.parse_args()
+    if args.preamble and not args.preamble.is_file():
+        parser.error(f"--preamble: no file {args.preamble}")
+    if args.max_tokens < 1:
+        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.preamble:
         chat.DIALOGUE_PREAMBLE = args.preamble.read_text()
-    pair = mlx_mtp.load(args.model)
+    try:
+        pair = mlx_mtp.load(args.model)
+    except ValueError as e:  # mlx_mtp.LoadError
+        parser.exit(1, f"error: {e}\n")
     ended, lengths = [], []
     for question in QUESTIONS:
         conversation = chat.Conversation(pair)
