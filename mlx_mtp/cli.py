@@ -6,6 +6,7 @@ traceback instead. Flags follow mlx-lm's where it has them.
 
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ from rich.table import Table
 
 import mlx_mtp
 
-from . import blas, registry
+from . import blas, pipeline, registry
 from .bench import benchmark, load_prompts, plan, report
 from .cache import MAX_DRAFT_TOKENS
 from .engine import NO_LIMIT
@@ -61,17 +62,24 @@ app = typer.Typer(
 )
 
 
+# Under `mlx.launch`, every rank runs the command and rank 0 alone talks to the user; the
+# others only report their own errors, named by rank.
+RANK = int(os.environ.get("MLX_RANK", "0") or 0) if pipeline.launched() else 0
+
+
 @app.callback(invoke_without_command=True)
 def root(ctx: typer.Context):
     # transformers' own warnings (e.g. a prompt longer than the tokenizer's maximum) would
     # break one-line errors; the library reports those conditions itself.
     transformers.logging.set_verbosity_error()
+    if RANK:
+        sys.stdout = open(os.devnull, "w")
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
 
 
 def fail(message: str, code: int = 1):
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"{f'rank {RANK}: ' if RANK else ''}error: {message}", err=True)
     sys.exit(code)
 
 
@@ -165,10 +173,25 @@ def load_pair(model: Optional[str], target: Optional[str], drafter: Optional[str
             f"K={pair.default_draft_tokens}, on {mx.default_device()}"
         )
         status(blas.describe())
+        for line in distributed_lines(pair.distributed):
+            status(line)
     return pair
 
 
+def distributed_lines(layout: Optional[dict]) -> List[str]:
+    """Each rank's share of a pipeline-sharded target."""
+    if layout is None:
+        return []
+    lines = [f"pipeline over {layout['world_size']} ranks (rank 0: last layers, head, drafter):"]
+    for r in layout["ranks"]:
+        first, last = r["layers"]
+        lines.append(f"  rank {r['rank']}: layers {first}..{last}, {r['weight_bytes'] / 1e6:.1f} MB of target weights")
+    return lines
+
+
 def status(message: str):
+    if RANK:
+        return
     Console(stderr=True, soft_wrap=True).print(message, style="dim", markup=False, highlight=False)
 
 
@@ -262,7 +285,7 @@ def generate(
         results = batch_generate(pair, prompts, max_batch=batch or 1, **kwargs)
         for i, r in enumerate(results):
             if json_:
-                row = {"prompt": i, "model": name, "text": r.text, "tokens": r.tokens}
+                row = {"prompt": i, "model": name, "text": r.text, "tokens": r.tokens, "distributed": pair.distributed}
                 typer.echo(json.dumps({**row, "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}))
             else:
                 typer.echo(f"--- prompt {i + 1} ---\n{r.text}")
@@ -273,7 +296,8 @@ def generate(
 
     if json_:
         out = mlx_mtp.generate(pair, prompts[0], **kwargs)
-        result = {"model": name, "text": out.text, "tokens": out.tokens, "finish_reason": out.finish_reason}
+        result = {"model": name, "text": out.text, "tokens": out.tokens, "finish_reason": out.finish_reason,
+                  "distributed": pair.distributed}
         typer.echo(json.dumps({**result, "stats": out.stats.to_dict()}))
         return
     text = ""
@@ -303,21 +327,19 @@ def deferred_interrupt():
 
 def stream_reply(conversation: Conversation, text: str, console: Console, verbose: bool, **kwargs):
     with deferred_interrupt() as stop:
-        stream = conversation.reply(text, **kwargs)
+        stream = conversation.reply(text, interrupt=stop, **kwargs)  # ends after the round under way
         response = None
         try:
             for response in stream:
                 console.file.write(response.text)
                 console.file.flush()
-                if stop.is_set():
-                    break
         finally:
             stream.close()
     if response is None:
         return
     console.print()
     line = summary_line(response.stats, response.finish_reason)
-    console.print(("[stopped] " if stop.is_set() else "") + line, style="dim", markup=False)
+    console.print(("[stopped] " if response.finish_reason == "interrupted" else "") + line, style="dim", markup=False)
     if verbose:
         for line in details(response.stats):
             console.print(line, style="dim")
@@ -463,6 +485,9 @@ def bench(
         fail(f"--batch sizes must be >= 1, got {batch}")
     if json_out and not json_out.parent.is_dir():  # find out now, not after the whole run
         fail(f"--json-out: no directory {json_out.parent}")
+    if pipeline.launched():
+        fail("bench compares with plain mlx-lm in one process: run it without mlx.launch "
+             "(generate --json gives a sharded run's speed)")
     prompt_sets = load_prompts(prompts)
     pair = load_pair(model, target, drafter, verbose)
     if pair.drafter is None:

@@ -26,6 +26,7 @@ What a row guarantees:
 """
 
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ class Update:
     row: "Row"
     tokens: List[int]
     text: str
-    finish_reason: Optional[str]  # "stop", "length", or None while the row goes on
+    finish_reason: Optional[str]  # "stop", "length", "context", "interrupted", or None while the row goes on
 
 
 class Row:
@@ -128,7 +129,7 @@ class Row:
         """[3, 2]: keys of this round's drafts, accept draws and last token (None: greedy)."""
         return None if self.key is None else mx.random.split(self.key, 4)[1:]
 
-    def commit(self, tokens: List[int], carry: mx.array) -> str:
+    def commit(self, tokens: List[int], carry: mx.array, interrupted: bool = False) -> str:
         """Commit ids; returns their text (the detokenizer holds back partial characters)."""
         if self.key is not None:
             self.key = mx.random.split(self.key, 4)[0]
@@ -140,6 +141,8 @@ class Row:
             self.finish_reason = "stop"
         elif self.remaining <= 0:
             self.finish_reason = "context" if self.at_context else "length"
+        elif interrupted:
+            self.finish_reason = "interrupted"
         self.stats.generation_time = time.perf_counter() - self.started
         if self.detokenizer is None:
             return ""
@@ -161,6 +164,9 @@ class Engine:
         self.cache: Optional[list] = None  # per cached layer: BatchCache of the live rows
         self.waiting: deque = deque()  # rows whose prompt is still being read
         self.stats = BatchStats()
+        # Set (e.g. by Ctrl-C) to end every live row after the next round. In a pipeline
+        # rank 0's is the one that counts: it travels with the round's decision.
+        self.interrupt = threading.Event()
 
     @property
     def busy(self) -> bool:
@@ -289,14 +295,20 @@ class Engine:
         """The token after each prompt (one evaluation for all); each group of rows read
         together joins the batch, and rows that token finished leave it at once."""
         tokens = []
+        pipeline = self.pair.target.pipeline
         for group in groups:
             # A round that drafts nothing: the same rule and the same keys as a round's last token.
-            logits = self.pair.target.logits(mx.concatenate([r.carry for r in group]))  # [G, 1, V]
+            carry = mx.concatenate([r.carry for r in group])
+            logits = self.pair.target.logits(carry)  # [G, 1, V]
             keys = round_keys(group)
             empty = Proposal(mx.zeros((len(group), 0), mx.int32))
             _, ids = accept(logits, empty, [0] * len(group), [r.params for r in group],
                             None if keys is None else keys[:, 1:], [r.tokens + r.prompt for r in group])
-            tokens.append(ids[:, 0])
+            ids = ids[:, 0]
+            if pipeline is not None:  # rank 0's ids; each group's forward runs in turn on every rank
+                ids = pipeline.share(ids.astype(mx.int32), after=carry)
+                mx.async_eval(ids)
+            tokens.append(ids)
         mx.eval(tokens, [r.carry for group in groups for r in group])
         updates, finished = [], []
         for group, ids in zip(groups, tokens):
@@ -354,13 +366,13 @@ class Engine:
         counts, costs = self._draft_counts(rows)
         started = time.perf_counter()
         results = run_round(self.pair.target, self.pair.proposer, rows, self.cache, counts,
-                            [r.remaining for r in rows])
+                            [r.remaining for r in rows], self.interrupt.is_set())
         if costs is not None:  # K came from the measured costs: check them against this round
             drafter = any(r.source == "mtp" for r in results)
             self.pair.observe_round(costs, max(counts), drafter, time.perf_counter() - started)
         updates = []
         for row, result in zip(rows, results):
-            text = row.commit(result.committed, result.carry)
+            text = row.commit(result.committed, result.carry, result.interrupted)
             row.stats.add_round(result.drafted, result.accepted, result.source, len(result.committed))
             updates.append(Update(row, result.committed, text, row.finish_reason))
         self.stats.rounds += 1

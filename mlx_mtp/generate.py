@@ -8,12 +8,14 @@ A prompt cache (`make_prompt_cache(pair)`) carries a conversation across calls: 
 then passes only the new tokens and nothing is read twice.
 """
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Union
 
 from .engine import Engine, PromptCache
+from . import pipeline
 from .loading import LoadError, load_pair
-from .proposers import HybridProposer, MTPProposer, NGramProposer
+from .proposers import DraftsFromRankZero, HybridProposer, MTPProposer, NGramProposer
 from .sampling import SamplingParams
 from .stats import BatchStats, Stats
 from .tuning import Costs, RoundTimes, interpolate_costs, load_or_measure
@@ -31,6 +33,8 @@ class Pair:
     default_draft_tokens: int = 4
     chat: str = "template"  # how to chat with the target: "template" or "dialogue" (a base model)
     label: str = ""  # what the model is, for chat's banner
+    drafter_on_rank_0: bool = False  # a pipeline rank without the drafter, which rank 0 has
+    distributed: Optional[dict] = None  # in a pipeline: world size, each rank's layers and weight bytes
 
     costs: dict = field(default_factory=dict, repr=False)  # rows (a power of two) -> Costs, for auto K
     stale_costs: set = field(default_factory=set, repr=False)  # row counts to measure again
@@ -53,7 +57,9 @@ class Pair:
         """A round whose K was chosen from `costs` drafted k tokens (with drafter steps or
         not) and took `seconds`: when recent rounds disagree with the costs, they are
         measured again."""
-        if k >= len(costs.target):  # a row's fixed K past what was measured
+        if k >= len(costs.target) or self.target.pipeline is not None:
+            # (a row's fixed K past what was measured; or a pipeline: ranks would have to
+            # agree on each round's time, one more exchange per round)
             return
         if self.round_times.disagree(seconds, costs.target[k] + drafter * k * costs.draft_step):
             self.stale_costs |= set(self.costs)
@@ -61,6 +67,8 @@ class Pair:
 
     def __post_init__(self):
         self.mtp = MTPProposer(self.drafter, self.target) if self.drafter else None
+        if self.drafter_on_rank_0:
+            self.mtp = DraftsFromRankZero(self.target.vocab_size)
         self.use_proposer("hybrid")
 
     def use_proposer(self, name: str):
@@ -84,7 +92,7 @@ class GenerationResponse:
     text: str
     tokens: List[int]
     stats: Stats
-    finish_reason: Optional[str] = None  # "stop" (EOS), "length", or None while running
+    finish_reason: Optional[str] = None  # "stop" (EOS), "length", "context", "interrupted", or None while running
 
 
 @dataclass
@@ -105,10 +113,14 @@ def load(target: str, drafter: Optional[str] = None) -> Pair:
         if entry is not None:
             target, drafter = entry.target_path(), entry.drafter_path()
             name, default_k, chat, label = entry.alias, entry.draft_tokens, entry.chat, entry.label
-    target_, drafter_, tokenizer, eos = load_pair(target, drafter)
+    # Under `mlx.launch`: this rank's share of a pipeline-sharded target.
+    group = pipeline.init()
+    target_, drafter_, tokenizer, eos = load_pair(target, drafter, group)
     if not chat:  # a checkpoint without a chat template is taken for a base model
         chat = TEMPLATE if tokenizer is not None and tokenizer.has_chat_template else DIALOGUE
-    return Pair(target_, drafter_, tokenizer, frozenset(eos), name, default_k, chat, label)
+    elsewhere = drafter is not None and drafter_ is None
+    layout = pipeline.describe(group, target_.weight_bytes) if group is not None else None
+    return Pair(target_, drafter_, tokenizer, frozenset(eos), name, default_k, chat, label, elsewhere, layout)
 
 
 def make_prompt_cache(pair: Pair) -> PromptCache:
@@ -141,6 +153,7 @@ def stream_generate(
     seed: Optional[int] = None,
     prompt_cache: Optional[PromptCache] = None,
     logits_processors: Optional[List[Callable]] = None,
+    interrupt: Optional[threading.Event] = None,
 ) -> Iterator[GenerationResponse]:
     """Yield committed text round by round; the last chunk has a finish_reason ("stop": a
     stop id, "length": max_tokens, "context": the end of the target's context).
@@ -152,11 +165,14 @@ def stream_generate(
     round from the pair's measured costs and the live acceptance, up to its default.
     seed: this generation's own random key (None: drawn from MLX's global stream).
     Stopping early (closing the generator, Ctrl-C, an exception) keeps what was committed
-    in `prompt_cache`.
+    in `prompt_cache`. interrupt: an event that, once set, ends the generation after the
+    round under way (finish_reason "interrupted"); in a pipeline, the way to stop early.
     """
     params = SamplingParams(temperature, top_p, top_k, min_p, logits_processors)
     first = prompt_cache is None or not prompt_cache.tokens
     engine = Engine(pair, max_batch=1)
+    if interrupt is not None:
+        engine.interrupt = interrupt
     row = engine.add(encode(pair, prompt, first), params, max_tokens, seed, num_draft_tokens, prompt_cache=prompt_cache)
     try:
         while engine.busy:

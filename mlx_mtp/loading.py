@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .drafter import Drafter, ModelArgs as DrafterArgs
+from .pipeline import Pipeline, weight_bytes
 from .target import FULL, SLIDING, Target
 
 TARGET_TYPES = ("gemma4", "gemma4_text", "gemma3_text")
@@ -88,10 +89,10 @@ def read_config(path: Path) -> dict:
         raise LoadError(f"{path}/config.json is not valid JSON ({e})") from None
 
 
-def _load_weights_into(path: Path, config: dict, classes=None):
+def _load_weights_into(path: Path, config: dict, classes=None, lazy: bool = False):
     kwargs = {"get_model_classes": classes} if classes else {}
     try:
-        return load_model(path, model_config=config, **kwargs)[0]
+        return load_model(path, lazy=lazy, model_config=config, **kwargs)[0]
     except FileNotFoundError:
         raise LoadError(f"{path}: no model*.safetensors weights") from None
     except (ValueError, RuntimeError, OSError, KeyError) as e:
@@ -108,8 +109,9 @@ def _eos_ids(path: Path, config: dict) -> set:
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
-def load_target(path: Path):
-    """(Target, tokenizer or None, eos ids) from an mlx-lm Gemma checkpoint directory."""
+def load_target(path: Path, pipeline: Optional[Pipeline] = None, drafter: bool = False):
+    """(Target, tokenizer or None, eos ids) from an mlx-lm Gemma checkpoint directory. In a
+    pipeline, only this rank's weights are read (see `Target`)."""
     config = read_config(path)
     model_type = config.get("model_type")
     if model_type not in TARGET_TYPES:
@@ -120,13 +122,20 @@ def load_target(path: Path):
         overrides = {"text_config": text, "vocab_size": text.get("vocab_size", 262144)}
     elif model_type == "gemma4_text":
         overrides = normalize_gemma4_text(config)
-    model = _load_weights_into(path, overrides)
+    model = _load_weights_into(path, overrides, lazy=pipeline is not None)
+    target = Target(model, pipeline, drafter)
+    if pipeline is not None:
+        try:  # the weights of the layers kept: read now, not in the first forward
+            mx.eval(model.parameters())
+        except (ValueError, RuntimeError) as e:
+            raise LoadError(f"{path}: cannot load weights ({_one_line(e)})") from None
+        target.weight_bytes = weight_bytes(model)
     eos = _eos_ids(path, config)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         tokenizer = load_tokenizer(path, eos_token_ids=sorted(eos) or None)
         eos |= set(tokenizer.eos_token_ids)
-    return Target(model), tokenizer, eos
+    return target, tokenizer, eos
 
 
 def load_drafter(path: Path, dtype=None) -> Drafter:
@@ -163,10 +172,12 @@ def check_pair(target: Target, drafter: Drafter):
             raise LoadError(f"drafter {kind} head_dim {mine.head_dim} does not match target head_dim {own.head_dim}")
 
 
-def load_pair(target_path: str, drafter_path: Optional[str]):
-    target, tokenizer, eos = load_target(resolve(target_path))
+def load_pair(target_path: str, drafter_path: Optional[str], pipeline: Optional[Pipeline] = None):
+    """(target, drafter, tokenizer, eos ids). In a pipeline, the drafter is loaded on rank 0
+    only, next to the layers whose KV it reads."""
+    target, tokenizer, eos = load_target(resolve(target_path), pipeline, drafter_path is not None)
     drafter = None
-    if drafter_path is not None:
+    if drafter_path is not None and (pipeline is None or pipeline.last):
         drafter = load_drafter(resolve(drafter_path), target.dtype)
         lend_target_embedding(target, drafter)
         check_pair(target, drafter)

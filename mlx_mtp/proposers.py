@@ -72,6 +72,7 @@ class MTPProposer(StatelessProposer):
     def __init__(self, drafter: Drafter, target: Target):
         self.drafter = drafter
         self.target = target
+        self.vocab_size = drafter.vocab_size
 
     def propose(self, ctx: DraftContext, k: int) -> Proposal:
         kv = {kind: (keys, values) for kind, (keys, values, _) in ctx.shared_kv.items()}
@@ -118,6 +119,19 @@ class MTPProposer(StatelessProposer):
             logprobs = log_probs(logits[index], params)
             token, q = sample_candidates(logprobs, ids, False, None if step_keys is None else step_keys[index, step])
         return token, q, logprobs
+
+
+class DraftsFromRankZero(StatelessProposer):
+    """The drafter on the pipeline ranks that do not hold it: rank 0 drafts, and the round
+    shares its ids with every rank (pipeline.py); this gives a proposal of their shape."""
+
+    name = "mtp"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def propose(self, ctx: DraftContext, k: int) -> Proposal:
+        return deterministic(mx.zeros((len(ctx.params), k), mx.int32))
 
 
 class NGramIndex:
@@ -220,7 +234,7 @@ class HybridProposer:
         else:
             proposal = self.mtp.propose(ctx, k)
             if any(r is not None for r in lookups):
-                proposal = _overlay(proposal, lookups, self.mtp.drafter.vocab_size)
+                proposal = _overlay(proposal, lookups, self.mtp.vocab_size)
         proposal.sources = ["ngram" if r is not None else "mtp" for r in lookups]
         return proposal
 

@@ -27,6 +27,7 @@ class RoundResult:
     accepted: int  # how many of `drafted` were accepted and committed
     source: str  # who proposed ("mtp", "ngram", or "none")
     carry: mx.array  # [1, 1, H] hidden state that produced committed[-1]
+    interrupted: bool = False  # the row ends after this round (asked before it was built)
 
 
 def commit_length(tokens: list, limit: int, stop_ids) -> int:
@@ -38,11 +39,12 @@ def commit_length(tokens: list, limit: int, stop_ids) -> int:
 
 
 def run_round(target: Target, proposer: Optional[Proposer], rows: list, cache: list, counts: List[int],
-              limits: List[int]) -> List[RoundResult]:
+              limits: List[int], interrupt: bool = False) -> List[RoundResult]:
     """One round for `rows` (in the cache's row order): row i drafts up to counts[i] tokens
     and commits between 1 and min(counts[i] + 1, limits[i]) of them. Each row has `tokens`,
     `carry`, `params`, `state` (its proposer state), `stop_ids` and `round_keys()` ([3, 2] or
-    None for a greedy row)."""
+    None for a greedy row). `interrupt`: the rows end after this round (in a pipeline, rank
+    0's wish is the one every rank follows)."""
     saved = [list(c.positions) for c in cache]
     try:
         keys = round_keys(rows)  # [B, 3, 2]: per row, keys of its drafts, accept draws, last token
@@ -57,8 +59,8 @@ def run_round(target: Target, proposer: Optional[Proposer], rows: list, cache: l
             [r.state for r in rows],
             None if keys is None else keys[:, 0],
         )
-        proposal, hidden, accepted, out = draft_and_verify(
-            target, proposer, ctx, cache, counts, None if keys is None else keys[:, 1:]
+        proposal, hidden, accepted, out, interrupt = draft_and_verify(
+            target, proposer, ctx, cache, counts, None if keys is None else keys[:, 1:], interrupt
         )
     except BaseException:
         for c, positions in zip(cache, saved):
@@ -76,7 +78,7 @@ def run_round(target: Target, proposer: Optional[Proposer], rows: list, cache: l
             drafted, n = drafts[i][:cut], cut
         else:
             drafted = drafts[i][: proposal.counts[i]]
-        results.append(RoundResult(out[i][:cut], drafted, n, source, hidden[i : i + 1, cut - 1 : cut]))
+        results.append(RoundResult(out[i][:cut], drafted, n, source, hidden[i : i + 1, cut - 1 : cut], interrupt))
         cuts.append(cut)
     for c in cache:
         c.trim_rows([k + 1 - cut for cut in cuts])
@@ -96,11 +98,11 @@ def round_keys(rows: list) -> Optional[mx.array]:
 
 
 def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts: List[int],
-                     accept_keys: Optional[mx.array]):
+                     accept_keys: Optional[mx.array], interrupt: bool = False):
     """Propose up to max(counts) tokens per row and verify [token, drafts] in one target
     forward. Returns the proposal (with per-row `counts` and `sources`), hidden [B, K + 1, H],
     and, evaluated in the round's one host sync, the accepted counts and the target's tokens
-    [B, K + 1] as lists."""
+    [B, K + 1] as lists, and `interrupt` (rank 0's, in a pipeline)."""
     B, k = len(counts), max(counts)
     proposal = None
     if k > 0 and proposer is not None:
@@ -115,8 +117,17 @@ def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts:
     proposal.counts = counts
     proposal.sources = [s if n else "none" for s, n in zip(sources, counts)]
 
+    pipeline = target.pipeline
+    if pipeline is not None and proposal.k:  # rank 0's drafts, scheduled before the forward
+        proposal.tokens = pipeline.share(proposal.tokens.astype(mx.int32))
+        mx.async_eval(proposal.tokens)
     hidden = target.hidden(mx.concatenate([ctx.token[:, None], proposal.tokens], axis=1), cache)
     logits = target.logits(hidden)  # [B, K + 1, V]
     accepted, out = accept(logits, proposal, counts, ctx.params, accept_keys, ctx.history)
-    mx.eval(accepted, out, proposal.tokens)
-    return proposal, hidden, accepted.tolist(), out.tolist()
+    if pipeline is not None:  # rank 0's decision, so that every rank commits and trims alike
+        verdict = mx.concatenate([accepted[:, None], out, mx.full((B, 1), interrupt)], axis=1).astype(mx.int32)
+        verdict = pipeline.share(verdict, after=hidden)
+        # [B, 1 + (K + 1) + 1] -> [B], [B, K + 1], and the interrupt
+        accepted, out, interrupt = verdict[:, 0], verdict[:, 1:-1], verdict[0, -1]
+    mx.eval(accepted, out, interrupt, proposal.tokens)
+    return proposal, hidden, accepted.tolist(), out.tolist(), bool(interrupt)

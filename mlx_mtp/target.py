@@ -7,12 +7,15 @@ last non-shared sliding and full layers: the arrays an MTP drafter cross-attends
 
 import copy
 from functools import partial
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
+from mlx_lm.models.base import create_attention_mask
 
 from .cache import BatchCache, shared_kv_view
+from .pipeline import Pipeline, layer_ranges
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -61,12 +64,11 @@ def on_cpu() -> bool:
 
 
 class Target:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, pipeline: Optional[Pipeline] = None, drafter: bool = False):
+        """pipeline: hold only this rank's layers (see pipeline.py); `drafter`: a drafter
+        will read the KV of the last non-shared layers, so they stay on rank 0."""
         self.model = model
         self.lm = getattr(model, "language_model", model)  # gemma4 wraps its text model
-        # Measured on the CPU only; with Metal, mlx-lm's own layers run unchanged.
-        self.column_major = on_cpu()
-        self.decoder = with_column_linears(self.lm.model) if self.column_major else self.lm.model
         args = self.lm.args
         self.args = args
         self.model_type = args.model_type
@@ -87,12 +89,36 @@ class Target:
         self.shared_layer = {
             kind: max(i for i, t in enumerate(own) if t == kind) for kind in set(own)
         }
-        if self.model_type == "gemma3_text":
-            # mlx-lm's gemma3 scales embeddings by sqrt(hidden) rounded to bfloat16.
-            self.embed_scale = mx.array(self.hidden_size**0.5, mx.bfloat16).astype(mx.float32)
-        else:
-            self.embed_scale = mx.array(self.hidden_size**0.5, mx.float32)
         self.softcap = getattr(self.lm, "final_logit_softcapping", None)
+        self.pipeline = pipeline
+        self.layers = range(len(self.layer_types))  # the layers this process holds
+        self.weight_bytes = 0  # in a pipeline: of the weights this rank holds
+        if pipeline is not None:
+            self._shard(pipeline, drafter)
+        # Measured on the CPU only; with Metal, mlx-lm's own layers run unchanged.
+        self.column_major = on_cpu()
+        self.decoder = with_column_linears(self.lm.model) if self.column_major else self.lm.model
+
+    def _shard(self, pipeline: Pipeline, drafter: bool):
+        """Keep this rank's layers (and the embedding, norm and head where they are used);
+        the rest is dropped before any weight is read."""
+        shares_kv = self.num_cached_layers < len(self.layer_types)
+        tail = min(self.shared_layer.values()) if drafter or shares_kv else None
+        pipeline.ranges = tuple(layer_ranges(len(self.layer_types), pipeline.size, tail))
+        pipeline.start, pipeline.end = pipeline.ranges[pipeline.rank]
+        self.layers = range(pipeline.start, pipeline.end)
+        model = self.lm.model
+        for i in range(len(model.layers)):
+            if i not in self.layers:
+                model.layers[i] = None
+        if not (pipeline.first or pipeline.last):  # rank 0 keeps it as the (tied) head
+            model.embed_tokens = None
+        if not pipeline.first:  # E2B/E4B: the first stage sends the per-layer inputs along
+            for name in ("embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm"):
+                if getattr(model, name, None) is not None:
+                    setattr(model, name, None)
+        if not pipeline.last and "lm_head" in self.lm:
+            self.lm.lm_head = None
 
     @property
     def dtype(self):
@@ -100,16 +126,63 @@ class Target:
         return self.decoder.norm.weight.dtype
 
     def make_cache(self, rows: int = 1):
+        """One cache per held layer that has its own KV."""
         return [
-            BatchCache(rows, self.sliding_window if kind == SLIDING else None)
-            for kind in self.layer_types[: self.num_cached_layers]
+            BatchCache(rows, self.sliding_window if self.layer_types[i] == SLIDING else None)
+            for i in self.layers
+            if i < self.num_cached_layers
         ]
 
     def hidden(self, tokens: mx.array, cache) -> mx.array:
-        """[B, T] new tokens -> [B, T, H] post-norm hidden states; extends the cache."""
-        return self.decoder(tokens, cache=cache)
+        """[B, T] new tokens -> [B, T, H] post-norm hidden states; extends the cache. In a
+        pipeline, only rank 0 has them: the other ranks get what they sent on."""
+        if self.pipeline is None:
+            return self.decoder(tokens, cache=cache)
+        return self._stage_hidden(tokens, cache)
+
+    def _stage_hidden(self, tokens: mx.array, cache) -> mx.array:
+        """This rank's part of the forward, as mlx-lm's gemma3_text / gemma4_text models
+        compute it for these layers."""
+        p, model = self.pipeline, self.decoder
+        B, T = tokens.shape
+        H = self.hidden_size
+        P = getattr(model, "hidden_size_per_layer_input", 0) or 0  # E2B/E4B per-layer inputs
+        L = len(self.layer_types)
+        if p.first:
+            h = self.embed(tokens)
+            per_layer = model._project_per_layer_inputs(h, model._get_per_layer_inputs(tokens)) if P else None
+        else:
+            x = p.recv((B, T, H + L * P), self.dtype)
+            h = x[..., :H]
+            per_layer = x[..., H:].reshape(B, T, L, P) if P else None  # [B, T, L * P] -> [B, T, L, P]
+        masks = {}
+        for i, c in zip([i for i in self.layers if i < self.num_cached_layers], cache):
+            kind = self.layer_types[i]
+            if kind not in masks:
+                masks[kind] = create_attention_mask(h, c, window_size=self.sliding_window if kind == SLIDING else None)
+        shared = {}  # gemma4: layer -> (keys, values, offset) for the KV-sharing layers after it
+        for i in self.layers:
+            layer, mask = model.layers[i], masks[self.layer_types[i]]
+            c = cache[i - p.start] if i < self.num_cached_layers else None
+            if self.model_type == "gemma3_text":
+                h = layer(h, mask, c)
+                continue
+            kvs, offset = shared.get(model.previous_kvs[i], (None, None))
+            h, kvs, offset = layer(h, mask, c, per_layer_input=None if P == 0 else per_layer[:, :, i],
+                                   shared_kv=kvs, offset=offset)
+            shared[i] = (kvs, offset)
+        if p.last:
+            return model.norm(h)
+        out = h if P == 0 else mx.concatenate([h, per_layer.reshape(B, T, L * P).astype(h.dtype)], axis=-1)
+        out = p.send(out)
+        # Evaluating the cache (a prompt read in chunks) must run the send too, in order.
+        cache[-1].keys = mx.depends(cache[-1].keys, out)
+        return out
 
     def logits(self, hidden: mx.array) -> mx.array:
+        if self.pipeline is not None and not self.pipeline.last:
+            # Never evaluated: rank 0 shares what it decides from its logits.
+            return mx.zeros((*hidden.shape[:-1], self.vocab_size), mx.float32)
         tied = getattr(self.lm, "tie_word_embeddings", True)
         head = self.decoder.embed_tokens if tied else self.lm.lm_head
         if self.column_major and type(head) in (nn.Embedding, nn.Linear):
@@ -121,10 +194,15 @@ class Target:
         return out
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """The target's input embedding as the target scales it: [B, T] -> [B, T, H]."""
+        """The target's input embedding as mlx-lm's model scales it: [B, T] -> [B, T, H]."""
         h = self.decoder.embed_tokens(tokens)
-        return h * self.embed_scale.astype(h.dtype)
+        if self.model_type == "gemma3_text":  # sqrt(hidden) rounded to bfloat16
+            return h * mx.array(self.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+        return h * self.decoder.embed_scale
 
     def shared_kv(self, cache) -> dict:
-        """kind -> (keys, values, first position): views of the target's cache arrays."""
-        return {kind: shared_kv_view(cache[i]) for kind, i in self.shared_layer.items()}
+        """kind -> (keys, values, first position): views of the target's cache arrays
+        (empty on a pipeline rank without the drafter)."""
+        if self.pipeline is not None and not self.pipeline.last:
+            return {}
+        return {kind: shared_kv_view(cache[i - self.layers.start]) for kind, i in self.shared_layer.items()}

@@ -84,7 +84,11 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
     def forward(n):
         def run():
             tokens = mx.broadcast_to(mx.arange(5, 5 + n), (rows, n))
-            mx.eval(mx.argmax(target.logits(target.hidden(tokens, cache)), axis=-1))
+            hidden = target.hidden(tokens, cache)
+            ids = mx.argmax(target.logits(hidden), axis=-1)
+            if target.pipeline is not None:  # as a round: every rank gets rank 0's ids
+                ids = target.pipeline.share(ids.astype(mx.int32), after=hidden)
+            mx.eval(ids)
             for c in cache:
                 c.trim_rows([n] * rows)
 
@@ -92,7 +96,7 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
 
     costs = [_fastest_time(forward(n)) for n in range(1, k_max + 2)]
     draft = 0.0
-    if pair.mtp is not None:
+    if pair.drafter is not None:
         positions = cache[0].positions
         position = positions[0] if rows == 1 else mx.array(positions)
         carry = mx.zeros((rows, 1, target.hidden_size), target.dtype)
@@ -111,6 +115,8 @@ def shape_key(pair, k_max: int, rows: int = 1) -> str:
         parts += [d.text_args.hidden_size, d.text_args.num_hidden_layers, d.args.use_ordered_embeddings]
     if rows > 1:
         parts.append(f"B{rows}")
+    if t.pipeline is not None:  # a forward through the ranks' pipeline
+        parts.append("ranks" + ",".join(f"{a}-{b}" for a, b in t.pipeline.ranges))
     return "/".join(map(str, parts))
 
 
@@ -121,11 +127,22 @@ def load_or_measure(pair, k_max: int, rows: int = 1, refresh: bool = False) -> C
     path = cache_home() / "costs.json"
     key = shape_key(pair, k_max, rows)
     known = json.loads(path.read_text()) if path.exists() else {}
-    if refresh or key not in known:
-        known[key] = asdict(measure_costs(pair, k_max, rows))
+    measure = refresh or key not in known
+    pipeline = pair.target.pipeline
+    if pipeline is not None:  # rank 0 decides, and every rank takes part in a measurement
+        measure = bool(pipeline.agree([measure])[0])
+    if measure:
+        costs = measure_costs(pair, k_max, rows)
+    else:
+        costs = Costs(**known.get(key, {"target": [0.0] * (k_max + 1), "draft_step": 0.0}))
+    if pipeline is not None:  # every rank chooses K from rank 0's costs
+        values = pipeline.agree(costs.target + [costs.draft_step])
+        costs = Costs(values[:-1], values[-1])
+    if measure and (pipeline is None or pipeline.last):
+        known[key] = asdict(costs)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(known, indent=1))
-    return Costs(**known[key])
+    return costs
 
 
 def interpolate_costs(measured, rows: int) -> Costs:
