@@ -8,6 +8,10 @@ that they get HTTP 429. A client that disconnects frees its row at the next step
 
 Conversations are kept between requests (bounded in bytes): a request whose token ids start
 with those of a kept conversation continues it and reads only its new ids.
+
+Under `mlx.launch` (a pipeline-sharded target), rank 0 serves HTTP and the other ranks
+`follow`: before each step, rank 0 sends them what it did to the engine and the kept
+conversations since the last one (a `plan`), and they do the same to theirs.
 """
 
 import asyncio
@@ -59,6 +63,7 @@ class Job:
     row: object = None
     cancelled: bool = False
     prompt_tokens: int = 0  # all of the prompt, also the part a kept conversation had read
+    settings: dict = field(default_factory=dict)  # the request's settings, for the other ranks
 
 
 class Conversations:
@@ -70,7 +75,8 @@ class Conversations:
 
     def take(self, ids: List[int]) -> Optional[PromptCache]:
         """The kept conversation sharing the longest prefix with `ids`, rolled back to that
-        prefix (the sliding layers allowing) so that at least one id is left to read."""
+        prefix (the sliding layers allowing) so that at least one id is left to read; its
+        key is `key(conv)`."""
         best, best_len = None, 0
         for key, conv in self.kept.items():
             n = common_prefix(conv.tokens, ids)
@@ -84,11 +90,14 @@ class Conversations:
         del self.kept[best]
         return conv
 
-    def keep(self, conv: PromptCache):
+    def keep(self, conv: PromptCache) -> List[int]:
+        """Keep a conversation; returns the keys of those dropped to make room."""
         self.kept[id(conv)] = conv
         self.kept.move_to_end(id(conv))
+        dropped = []
         while sum(c.nbytes for c in self.kept.values()) > self.max_bytes and self.kept:
-            self.kept.popitem(last=False)
+            dropped.append(self.kept.popitem(last=False)[0])
+        return dropped
 
 
 def common_prefix(a: List[int], b: List[int]) -> int:
@@ -115,6 +124,8 @@ class Worker:
         self.lock = threading.Lock()  # guards `queued`
         self.queued = 0  # jobs submitted and not finished
         self.stopping = False
+        self.pipeline = pair.target.pipeline
+        self.plan: list = []  # in a pipeline: what was done since the last step, for the other ranks
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the batch and the queue are full."""
@@ -126,24 +137,37 @@ class Worker:
         return True
 
     def run(self):
-        while not self.stopping:
-            self._admit(block=not self.engine.busy)
-            for job in [j for j in self.jobs if j.cancelled]:
-                self._finish(job, None)
-            if not self.engine.busy:
-                continue
+        try:
+            while not self.stopping:
+                self._serve_step()
+        finally:
+            if self.pipeline is not None:
+                self._publish(stop=True)
+
+    def _serve_step(self):
+        self._admit(block=not self.engine.busy)
+        for job in [j for j in self.jobs if j.cancelled]:
+            self._finish(job, None)
+        if self.pipeline is not None:
+            self._publish()
+        if self.engine.busy:
             try:
                 updates = self.engine.step()
             except Exception as e:  # a failed step changed nothing: fail its jobs, go on serving
                 for job in list(self.jobs):
                     self._finish(job, e)
-                continue
+                return
             by_row = {id(job.row): job for job in self.jobs}
             for update in updates:
                 job = by_row[id(update.row)]
                 self._send(job, ("update", update.tokens, update.text, update.finish_reason, update.row.stats))
                 if update.finish_reason:
                     self._finish(job, None)
+
+    def _publish(self, stop: bool = False):
+        """Send the plan to the other ranks (an empty one too: they step when rank 0 does)."""
+        plan, self.plan = self.plan, []
+        send_plan(self.pipeline, {"ops": plan, "stop": stop})
 
     def _admit(self, block: bool):
         while True:
@@ -159,16 +183,21 @@ class Worker:
                                           self.draft_tokens, prompt_cache=conv)
             except ValueError as e:
                 if kept is not None:
-                    self.conversations.keep(kept)
+                    self.conversations.keep(kept)  # as it was (rolled back, which loses nothing)
                 self._done(job)
                 self._send(job, ("error", BadRequest(str(e))))
                 continue
             self.jobs.append(job)
+            if self.pipeline is not None:
+                taken = None if kept is None else (id(kept), len(kept.tokens))
+                self.plan.append(["add", id(job), job.prompt, job.settings, taken])
 
     def _finish(self, job: Job, error: Optional[Exception]):
         self.engine.remove(job.row)
         self.jobs.remove(job)
-        self.conversations.keep(job.row.conversation)
+        dropped = self.conversations.keep(job.row.conversation)
+        if self.pipeline is not None:
+            self.plan.append(["finish", id(job), id(job.row.conversation), dropped])
         self._done(job)
         if error is not None:
             self._send(job, ("error", BadRequest(f"generation failed: {error}", status=500, kind="server_error")))
@@ -185,6 +214,57 @@ class Worker:
         """Rows decoding, and requests waiting for one (read from the HTTP thread)."""
         rows = len(self.engine.rows)
         return {"rows": rows, "queued": self.queued - rows}
+
+
+def send_plan(pipeline, plan: dict):
+    """Rank 0's plan to every rank, as JSON: its length, then (if any ops) its bytes."""
+    data = json.dumps(plan).encode() if plan["ops"] or plan["stop"] else b""
+    size = int(pipeline.agree([len(data)])[0])
+    return receive_bytes(pipeline, data, size)
+
+
+def receive_bytes(pipeline, data: bytes, size: int) -> Optional[dict]:
+    if not size:
+        return None
+    import mlx.core as mx
+
+    buffer = mx.array(list(data) if pipeline.last else [0] * size, mx.uint8)
+    return json.loads(bytes(pipeline.share(buffer).tolist()))
+
+
+def follow(pair: Pair, max_batch: int, draft_tokens: Optional[int]):
+    """A rank other than 0 of a pipeline-sharded server: do what rank 0 did, step when it
+    steps, until it stops."""
+    engine = Engine(pair, max_batch=max_batch)
+    context = pair.target.max_positions
+    rows, kept = {}, {}  # rank 0's job -> row; rank 0's key -> kept conversation
+    while True:
+        size = int(pair.target.pipeline.agree([0])[0])
+        plan = receive_bytes(pair.target.pipeline, b"", size) or {"ops": [], "stop": False}
+        for op, job, *rest in plan["ops"]:
+            if op == "add":
+                prompt, body, taken = rest
+                conv = PromptCache()
+                if taken is not None:
+                    conv = kept.pop(taken[0])
+                    conv.rewind(taken[1])
+                settings = parse_settings(body, context, pair.target.vocab_size)
+                rows[job] = engine.add(prompt[len(conv.tokens):], settings.params, settings.max_tokens,
+                                       settings.seed, draft_tokens, prompt_cache=conv)
+            else:  # "finish": the row ends, its conversation is kept, others dropped
+                key, dropped = rest
+                row = rows.pop(job)
+                engine.remove(row)
+                kept[key] = row.conversation
+                for k in dropped:
+                    kept.pop(k, None)
+        if plan["stop"]:
+            return
+        if engine.busy:
+            try:
+                engine.step()
+            except Exception:  # as on rank 0: the step changed nothing, its rows end (rank 0 says so)
+                pass
 
 
 # Requests: parsing and checking, one field at a time.
@@ -345,7 +425,8 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
         except BadRequest as e:
             return error_response(e)
         loop = asyncio.get_running_loop()
-        job = Job(ids, settings.params, settings.max_tokens, settings.seed, loop, asyncio.Queue(), prompt_tokens=len(ids))
+        job = Job(ids, settings.params, settings.max_tokens, settings.seed, loop, asyncio.Queue(), prompt_tokens=len(ids),
+                  settings={k: v for k, v in body.items() if k not in ("messages", "prompt")})
         if not worker.submit(job):
             return error_response(BadRequest("too many requests: the batch and the queue are full, retry later",
                                              status=429, kind="rate_limit_error"))
@@ -436,8 +517,12 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
 
 def serve(pair: Pair, model_name: str, host: str, port: int, max_batch: int, max_queue: int,
           draft_tokens: Optional[int], api_key: Optional[str], cache_mb: int, on_ready=None):
-    """Serve until interrupted: HTTP in a thread of its own, the engine in this one."""
+    """Serve until interrupted: HTTP in a thread of its own, the engine in this one. In a
+    pipeline, only rank 0 serves; the other ranks follow it."""
     import uvicorn
+
+    if pair.target.pipeline is not None and not pair.target.pipeline.last:
+        return follow(pair, max_batch, draft_tokens)
 
     worker = Worker(pair, max_batch, max_queue, draft_tokens, cache_mb * 1024 * 1024)
     app = build_app(pair, worker, model_name, api_key)
