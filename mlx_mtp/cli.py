@@ -93,6 +93,8 @@ def one_line_errors(command):
         except (ValueError, OSError) as e:  # mlx_mtp.LoadError is a ValueError
             if kwargs.get("verbose"):
                 raise
+            if RANK and isinstance(e, pipeline.PipelineError):
+                sys.exit(1)  # every rank finds the same: rank 0 says it once
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     return wrapper

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 
 class PipelineError(ValueError):
-    """A launch that cannot run this pair; the message is one line."""
+    """A pipeline that cannot hold this pair (every rank finds the same); one line."""
 
 
 @dataclass
@@ -88,7 +88,8 @@ def init() -> Optional[Pipeline]:
     try:
         group = mx.distributed.init(strict=True, backend="ring")
     except RuntimeError as e:
-        raise PipelineError(f"cannot reach the other ranks ({' '.join(str(e).split())}): check the hostfile's "
+        # Only the ranks that connect find out (the others wait for them): each says so itself.
+        raise ConnectionError(f"cannot reach the other ranks ({' '.join(str(e).split())}): check the hostfile's "
                         "addresses and that every rank was started") from None
     return Pipeline(group) if group.size() > 1 else None
 

@@ -90,6 +90,8 @@ class Target:
             kind: max(i for i, t in enumerate(own) if t == kind) for kind in set(own)
         }
         self.softcap = getattr(self.lm, "final_logit_softcapping", None)
+        # The norm is never quantized: the dtype activations and KV arrays have.
+        self.dtype = self.lm.model.norm.weight.dtype
         self.pipeline = pipeline
         self.layers = range(len(self.layer_types))  # the layers this process holds
         self.weight_bytes = 0  # in a pipeline: of the weights this rank holds
@@ -113,17 +115,14 @@ class Target:
                 model.layers[i] = None
         if not (pipeline.first or pipeline.last):  # rank 0 keeps it as the (tied) head
             model.embed_tokens = None
+        if not pipeline.last:
+            model.norm = None
         if not pipeline.first:  # E2B/E4B: the first stage sends the per-layer inputs along
             for name in ("embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm"):
                 if getattr(model, name, None) is not None:
                     setattr(model, name, None)
         if not pipeline.last and "lm_head" in self.lm:
             self.lm.lm_head = None
-
-    @property
-    def dtype(self):
-        # The norm is never quantized: the dtype activations and KV arrays have.
-        return self.decoder.norm.weight.dtype
 
     def make_cache(self, rows: int = 1):
         """One cache per held layer that has its own KV."""
