@@ -182,8 +182,10 @@ class Worker:
                 job.row = self.engine.add(job.prompt[len(conv.tokens):], job.params, job.max_tokens, job.seed,
                                           self.draft_tokens, prompt_cache=conv)
             except ValueError as e:
-                if kept is not None:
-                    self.conversations.keep(kept)  # as it was (rolled back, which loses nothing)
+                if kept is not None:  # kept again, rolled back (which loses nothing)
+                    dropped = self.conversations.keep(kept)
+                    if self.pipeline is not None:
+                        self.plan.append(["drop", None, dropped])
                 self._done(job)
                 self._send(job, ("error", BadRequest(str(e))))
                 continue
@@ -251,11 +253,12 @@ def follow(pair: Pair, max_batch: int, draft_tokens: Optional[int]):
                 settings = parse_settings(body, context, pair.target.vocab_size)
                 rows[job] = engine.add(prompt[len(conv.tokens):], settings.params, settings.max_tokens,
                                        settings.seed, draft_tokens, prompt_cache=conv)
-            else:  # "finish": the row ends, its conversation is kept, others dropped
-                key, dropped = rest
-                row = rows.pop(job)
-                engine.remove(row)
-                kept[key] = row.conversation
+            else:  # "finish": the row ends and its conversation is kept; and "drop": others dropped
+                *key, dropped = rest
+                if op == "finish":
+                    row = rows.pop(job)
+                    engine.remove(row)
+                    kept[key[0]] = row.conversation
                 for k in dropped:
                     kept.pop(k, None)
         if plan["stop"]:
