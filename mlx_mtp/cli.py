@@ -64,7 +64,7 @@ app = typer.Typer(
 
 # Under `mlx.launch`, every rank runs the command and rank 0 alone talks to the user; the
 # others only report their own errors, named by rank.
-RANK = int(os.environ.get("MLX_RANK", "0") or 0) if pipeline.launched() else 0
+RANK = int(os.environ["MLX_RANK"]) if os.environ.get("MLX_RANK", "").isdigit() else 0
 
 
 @app.callback(invoke_without_command=True)

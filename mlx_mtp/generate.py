@@ -12,8 +12,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Union
 
-from .engine import Engine, PromptCache
 from . import pipeline
+from .engine import Engine, PromptCache
 from .loading import LoadError, load_pair
 from .proposers import DraftsFromRankZero, HybridProposer, MTPProposer, NGramProposer
 from .sampling import SamplingParams
@@ -66,8 +66,10 @@ class Pair:
             self.costs = {}
 
     def __post_init__(self):
-        self.mtp = MTPProposer(self.drafter, self.target) if self.drafter else None
-        if self.drafter_on_rank_0:
+        self.mtp = None
+        if self.drafter is not None:
+            self.mtp = MTPProposer(self.drafter, self.target)
+        elif self.drafter_on_rank_0:
             self.mtp = DraftsFromRankZero(self.target.vocab_size)
         self.use_proposer("hybrid")
 
@@ -172,6 +174,8 @@ def stream_generate(
     first = prompt_cache is None or not prompt_cache.tokens
     engine = Engine(pair, max_batch=1)
     if interrupt is not None:
+        if not callable(getattr(interrupt, "is_set", None)):
+            raise ValueError(f"interrupt must be a threading.Event, got {type(interrupt).__name__}")
         engine.interrupt = interrupt
     row = engine.add(encode(pair, prompt, first), params, max_tokens, seed, num_draft_tokens, prompt_cache=prompt_cache)
     try:

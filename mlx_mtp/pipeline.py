@@ -16,11 +16,13 @@ Every rank runs the same engine code on the same inputs; only where arrays come 
 """
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 
@@ -67,6 +69,16 @@ class Pipeline:
     def agree(self, values: List[float]) -> List[float]:
         """Rank 0's host values on every rank (costs, decisions): one sync."""
         return self.share(mx.array(values, mx.float32)).tolist()
+
+    def share_json(self, obj=None):
+        """Rank 0's JSON-able `obj` on every rank (the others pass None): its size, then, if
+        rank 0 has anything (not None), its bytes. None costs one sync, not two."""
+        data = json.dumps(obj).encode() if self.last and obj is not None else b""
+        size = self.share(mx.array([len(data)], mx.int32)).item()
+        if not size:
+            return None
+        buffer = mx.array(np.frombuffer(data, np.uint8)) if self.last else mx.zeros((size,), mx.uint8)
+        return json.loads(bytes(self.share(buffer).tolist()))
 
     def send(self, x: mx.array) -> mx.array:
         return mx.distributed.send(x, self.rank - 1, group=self.group)

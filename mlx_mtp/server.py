@@ -75,8 +75,7 @@ class Conversations:
 
     def take(self, ids: List[int]) -> Optional[PromptCache]:
         """The kept conversation sharing the longest prefix with `ids`, rolled back to that
-        prefix (the sliding layers allowing) so that at least one id is left to read; its
-        key is `key(conv)`."""
+        prefix (the sliding layers allowing) so that at least one id is left to read."""
         best, best_len = None, 0
         for key, conv in self.kept.items():
             n = common_prefix(conv.tokens, ids)
@@ -167,7 +166,7 @@ class Worker:
     def _publish(self, stop: bool = False):
         """Send the plan to the other ranks (an empty one too: they step when rank 0 does)."""
         plan, self.plan = self.plan, []
-        send_plan(self.pipeline, {"ops": plan, "stop": stop})
+        self.pipeline.share_json({"ops": plan, "stop": stop} if plan or stop else None)
 
     def _admit(self, block: bool):
         while True:
@@ -185,7 +184,7 @@ class Worker:
                 if kept is not None:  # kept again, rolled back (which loses nothing)
                     dropped = self.conversations.keep(kept)
                     if self.pipeline is not None:
-                        self.plan.append(["drop", None, dropped])
+                        self.plan.append(["drop", dropped])
                 self._done(job)
                 self._send(job, ("error", BadRequest(str(e))))
                 continue
@@ -218,22 +217,6 @@ class Worker:
         return {"rows": rows, "queued": self.queued - rows}
 
 
-def send_plan(pipeline, plan: dict):
-    """Rank 0's plan to every rank, as JSON: its length, then (if any ops) its bytes."""
-    data = json.dumps(plan).encode() if plan["ops"] or plan["stop"] else b""
-    size = int(pipeline.agree([len(data)])[0])
-    return receive_bytes(pipeline, data, size)
-
-
-def receive_bytes(pipeline, data: bytes, size: int) -> Optional[dict]:
-    if not size:
-        return None
-    import mlx.core as mx
-
-    buffer = mx.array(list(data) if pipeline.last else [0] * size, mx.uint8)
-    return json.loads(bytes(pipeline.share(buffer).tolist()))
-
-
 def follow(pair: Pair, max_batch: int, draft_tokens: Optional[int]):
     """A rank other than 0 of a pipeline-sharded server: do what rank 0 did, step when it
     steps, until it stops."""
@@ -241,11 +224,10 @@ def follow(pair: Pair, max_batch: int, draft_tokens: Optional[int]):
     context = pair.target.max_positions
     rows, kept = {}, {}  # rank 0's job -> row; rank 0's key -> kept conversation
     while True:
-        size = int(pair.target.pipeline.agree([0])[0])
-        plan = receive_bytes(pair.target.pipeline, b"", size) or {"ops": [], "stop": False}
-        for op, job, *rest in plan["ops"]:
+        plan = pair.target.pipeline.share_json() or {"ops": [], "stop": False}
+        for op, *args in plan["ops"]:
             if op == "add":
-                prompt, body, taken = rest
+                job, prompt, body, taken = args
                 conv = PromptCache()
                 if taken is not None:
                     conv = kept.pop(taken[0])
@@ -253,14 +235,16 @@ def follow(pair: Pair, max_batch: int, draft_tokens: Optional[int]):
                 settings = parse_settings(body, context, pair.target.vocab_size)
                 rows[job] = engine.add(prompt[len(conv.tokens):], settings.params, settings.max_tokens,
                                        settings.seed, draft_tokens, prompt_cache=conv)
-            else:  # "finish": the row ends and its conversation is kept; and "drop": others dropped
-                *key, dropped = rest
-                if op == "finish":
-                    row = rows.pop(job)
-                    engine.remove(row)
-                    kept[key[0]] = row.conversation
-                for k in dropped:
-                    kept.pop(k, None)
+                continue
+            if op == "finish":  # the row ends, its conversation is kept
+                job, key, dropped = args
+                row = rows.pop(job)
+                engine.remove(row)
+                kept[key] = row.conversation
+            else:  # "drop": a failed request's conversation was kept again
+                (dropped,) = args
+            for k in dropped:  # ... and these dropped to make room
+                kept.pop(k, None)
         if plan["stop"]:
             return
         if engine.busy:

@@ -133,7 +133,7 @@ def load_or_measure(pair, k_max: int, rows: int = 1, refresh: bool = False) -> C
         measure = bool(pipeline.agree([measure])[0])
     if measure:
         costs = measure_costs(pair, k_max, rows)
-    else:
+    else:  # (a pipeline rank without rank 0's file takes rank 0's values just below)
         costs = Costs(**known.get(key, {"target": [0.0] * (k_max + 1), "draft_step": 0.0}))
     if pipeline is not None:  # every rank chooses K from rank 0's costs
         values = pipeline.agree(costs.target + [costs.draft_step])

@@ -16,6 +16,7 @@ import pytest
 import mlx_mtp
 import pipeline_run
 from conftest import FIXTURES, load_pair, plain_greedy, prompt_of
+from mlx_mtp.engine import PREFILL_STEP
 from mlx_mtp.pipeline import PipelineError, layer_ranges, weight_bytes
 
 BIN = Path(sys.executable).parent
@@ -190,6 +191,10 @@ def test_serve_answers_as_one_process_and_rejects_bad_requests():
         # Still serving, the conversation store included: the same prompt again continues a kept one.
         again = client.completions.create(model=model, prompt=prompts[1], max_tokens=16, temperature=0)
         assert again.choices[0].text == texts[1]
+        # A prompt past a prefill chunk (and a plan of many kilobytes to the other rank).
+        long = prompt_of(PREFILL_STEP + 40, seed=8)
+        text = client.completions.create(model=model, prompt=long, max_tokens=8, temperature=0).choices[0].text
+        assert text == mlx_mtp.generate(pair, long, max_tokens=8, num_draft_tokens=2).text
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
@@ -224,6 +229,26 @@ def test_ranks_that_cannot_reach_each_other_get_one_line(tmp_path):
     assert run.returncode == 1
     assert run.stderr.startswith("rank 1: error: cannot reach the other ranks ([ring] Couldn't connect")
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_an_interrupt_ends_the_generation_after_the_round_under_way():
+    import threading
+
+    pair = load_pair("e2b")
+    prompt = prompt_of(PREFILL_STEP + 30, seed=4)  # read in two chunks first
+    full = mlx_mtp.generate(pair, prompt, max_tokens=20, num_draft_tokens=2)
+    stop, chunks = threading.Event(), []
+    for response in mlx_mtp.stream_generate(pair, prompt, max_tokens=20, num_draft_tokens=2, interrupt=stop):
+        chunks.append(response)
+        stop.set()  # after the first token: one more round, then the end
+    assert len(chunks) == 2 and chunks[-1].finish_reason == "interrupted"
+    tokens = [t for c in chunks for t in c.tokens]
+    assert tokens == full.tokens[: len(tokens)] and 2 <= len(tokens) <= 4
+
+
+def test_interrupt_must_be_an_event():
+    with pytest.raises(ValueError, match="interrupt must be a threading.Event, got str"):
+        mlx_mtp.generate(load_pair("e2b"), [5, 6], max_tokens=3, interrupt="stop")
 
 
 def test_bench_refuses_a_launch(monkeypatch):
