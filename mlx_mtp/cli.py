@@ -552,7 +552,8 @@ def bench_tables(result: dict) -> List[Table]:
     if costs:
         curve = " ".join(f"{t * 1000:.0f}" for t in costs["target"])
         caption = f"target forward over 1..{len(costs['target'])} tokens: {curve} ms; drafter step {costs['draft_step'] * 1000:.1f} ms"
-        caption += "\nbound: the speedup these rounds allow at these costs"
+        plain = f"plain mlx-lm: {costs['plain'] * 1000:.0f} ms a token; " if costs.get("plain") else ""
+        caption += f"\n{plain}bound: the speedup these rounds allow at these costs"
     speed = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
     accept = Table(caption="accept: drafted tokens accepted; len: tokens per target forward", box=box.SIMPLE_HEAD)
     setting = ["B" if batched else "kind", "T", "K"] + ["drafts"] * proposers

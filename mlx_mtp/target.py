@@ -5,16 +5,15 @@ adapter owns the caches (rollback-capable, see cache.py) and exposes the KV arra
 last non-shared sliding and full layers: the arrays an MTP drafter cross-attends to.
 """
 
-import copy
 from functools import partial
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
 from mlx_lm.models.base import create_attention_mask
 
 from .cache import BatchCache, shared_kv_view
+from .cpu import column_product, for_cpu, on_cpu
 from .pipeline import Pipeline, layer_ranges
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -23,44 +22,6 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 @partial(mx.compile, shapeless=True)
 def _softcap(x, cap):
     return mx.tanh(x / cap) * cap
-
-
-def column_product(x: mx.array, weight: mx.array) -> mx.array:
-    """x @ weight.T computed as (weight @ x.T).T: [..., in] x [out, in] -> [..., out].
-
-    On the CPU the BLAS path taken for x @ W.T with 3 or more rows of x re-packs W, so a
-    forward over K + 1 tokens costs up to twice a forward over one; weight @ x.T reads W
-    once for any few rows (README, "Fast CPU path"). Same products, summed in another
-    order: results may differ in the last bit, like any change of kernel.
-    """
-    rows = x.reshape(-1, x.shape[-1])  # [M, in]
-    return (weight @ rows.T).T.reshape(*x.shape[:-1], weight.shape[0])
-
-
-class ColumnLinear(nn.Linear):
-    """nn.Linear through `column_product`."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = column_product(x, self["weight"])
-        return y + self["bias"] if "bias" in self else y
-
-
-def with_column_linears(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose unquantized linear layers are ColumnLinear; the copy shares
-    every array with the original, which stays unchanged (plain mlx-lm keeps its forward)."""
-    if not isinstance(module, nn.Module):  # e.g. a list of layer indices
-        return module
-    out = copy.copy(module)
-    if type(module) is nn.Linear:
-        out.__class__ = ColumnLinear
-        return out
-    for name in module.children():
-        out[name] = tree_map(with_column_linears, module[name], is_leaf=lambda m: isinstance(m, nn.Module))
-    return out
-
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 class Target:
@@ -98,8 +59,8 @@ class Target:
         if pipeline is not None:
             self._shard(pipeline, drafter)
         # Measured on the CPU only; with Metal, mlx-lm's own layers run unchanged.
-        self.column_major = on_cpu()
-        self.decoder = with_column_linears(self.lm.model) if self.column_major else self.lm.model
+        self.cpu_kernels = on_cpu()
+        self.decoder = for_cpu(self.lm.model) if self.cpu_kernels else self.lm.model
 
     def _shard(self, pipeline: Pipeline, drafter: bool):
         """Keep this rank's layers (and the embedding, norm and head where they are used);
@@ -184,8 +145,8 @@ class Target:
             return mx.zeros((*hidden.shape[:-1], self.vocab_size), mx.float32)
         tied = getattr(self.lm, "tie_word_embeddings", True)
         head = self.decoder.embed_tokens if tied else self.lm.lm_head
-        if self.column_major and type(head) in (nn.Embedding, nn.Linear):
-            out = column_product(hidden, head.weight)
+        if self.cpu_kernels and type(head) in (nn.Embedding, nn.Linear):
+            out = column_product(hidden, head.weight, rows_at_least=2)
         else:  # Metal, or a quantized head with its own kernel
             out = head.as_linear(hidden) if tied else head(hidden)
         if self.softcap:

@@ -22,13 +22,16 @@ WINDOW = 32  # recent rounds that inform the acceptance estimate
 PRIOR = 4.0  # weight (in rounds) of the prior on each conditional acceptance: a few unlucky
 # rounds at the start must not switch drafting off
 PROBE_EVERY = 8  # after this many plain rounds, draft once to refresh the estimate
-COSTS_FORMAT = "v2"  # in the key of remembered costs: bumped when the forward's costs change
+COSTS_FORMAT = "v3"  # in the key of remembered costs: bumped when the forward's costs change
 
 
 @dataclass
 class Costs:
     target: List[float]  # target[n - 1]: seconds for a forward over n new tokens
     draft_step: float  # seconds for one drafter step
+    # seconds for one token through plain mlx-lm's own forward and head, what a plain decoding
+    # step costs (on the CPU the verify forward is cheaper, see cpu.py); None: not measured
+    plain: Optional[float] = None
 
 
 class RoundTimes:
@@ -95,6 +98,15 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
         return run
 
     costs = [_fastest_time(forward(n)) for n in range(1, k_max + 2)]
+    plain = None
+    if rows == 1 and target.pipeline is None:  # (a pipeline rank holds only some layers)
+
+        def plain_step():
+            mx.eval(mx.argmax(target.model(mx.array([[5]]), cache=cache)[:, -1], axis=-1))
+            for c in cache:
+                c.trim_rows([1])
+
+        plain = _fastest_time(plain_step)
     draft = 0.0
     if pair.drafter is not None:
         positions = cache[0].positions
@@ -104,7 +116,7 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
         ctx = DraftContext(mx.array([7] * rows), carry, position, target.shared_kv(cache), history,
                            [SamplingParams()] * rows)
         draft = _fastest_time(lambda: mx.eval(pair.mtp.propose(ctx, 1).tokens))
-    return Costs(costs, draft)
+    return Costs(costs, draft, plain)
 
 
 def shape_key(pair, k_max: int, rows: int = 1) -> str:
@@ -159,18 +171,19 @@ def interpolate_costs(measured, rows: int) -> Costs:
 
 
 def speedup_bound(costs: Costs, stats) -> Optional[float]:
-    """The speedup over plain decoding that these rounds allow at these costs, with nothing
-    else spent: tokens committed, at T(1) each for plain decoding, over what the rounds cost
-    (T(k + 1) + k D for a drafter round of k drafts, T(k + 1) for a lookup round). For a
-    fixed K and the drafter alone that is tau T(1) / (T(K + 1) + K D), tau the mean accepted
-    length. None if a round drafted more than the costs cover."""
+    """The speedup over plain mlx-lm that these rounds allow at these costs, with nothing
+    else spent: tokens committed, at P (plain mlx-lm's step, T(1) if not measured) each, over
+    what the rounds cost (T(k + 1) + k D for a drafter round of k drafts, T(k + 1) for a
+    lookup round). For a fixed K and the drafter alone that is tau P / (T(K + 1) + K D), tau
+    the mean accepted length. None if a round drafted more than the costs cover."""
     spent = 0.0
     for drafts, source in zip(stats.drafts, stats.sources):
         k = len(drafts)
         if k >= len(costs.target):
             return None
         spent += costs.target[k] + (k * costs.draft_step if source == "mtp" else 0.0)
-    return sum(stats.committed) * costs.target[0] / spent if spent else None
+    plain = costs.plain or costs.target[0]
+    return sum(stats.committed) * plain / spent if spent else None
 
 
 def conditional_acceptance(drafts: List[List[int]], accepted: List[int], k_max: int) -> List[float]:

@@ -1,7 +1,9 @@
-"""The CPU verify path: column-major products, the drafter's per-row head, cost bounds and
-costs that are measured again when live rounds disagree with them."""
+"""The CPU verify path: column-major products, compiled norms and rope, the drafter's
+per-row head, cost bounds and costs that are measured again when live rounds disagree with
+them."""
 
 import json
+from dataclasses import asdict
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,17 +13,25 @@ import mlx_mtp
 from conftest import FIXTURES, PAIRS, ContinuationProposer, load_pair, plain_greedy, prompt_of
 from mlx_mtp.head import ClusteredHead
 from mlx_mtp.stats import Stats
-from mlx_mtp.target import ColumnLinear, with_column_linears
+from mlx_lm.models import gemma3_text
+from mlx.utils import tree_map
+
+from mlx_mtp import cpu
+from mlx_mtp.cpu import ColumnLinear, column_product, for_cpu
+from mlx_mtp.target import Target
 from mlx_mtp.tuning import Costs, RoundTimes, speedup_bound
 
 
 @pytest.mark.parametrize("name", ["e2b", "31b", "moe"])
 def test_the_verify_forward_shares_weights_and_leaves_mlx_lm_model_unchanged(name):
     target = load_pair(name).target
-    assert target.column_major  # on the CPU
+    assert target.cpu_kernels  # on the CPU
     ours, theirs = target.decoder.layers[0].self_attn.q_proj, target.lm.model.layers[0].self_attn.q_proj
     assert type(ours) is ColumnLinear and type(theirs) is nn.Linear
     assert ours.weight is theirs.weight  # no copy of any weight
+    ours, theirs = target.decoder.layers[0], target.lm.model.layers[0]
+    assert type(ours.input_layernorm) is cpu.CompiledRMSNorm and type(theirs.input_layernorm) is nn.RMSNorm
+    assert type(ours.self_attn.rope) is cpu.CompiledRoPE and type(theirs.self_attn.rope) is nn.RoPE
     leaves = lambda m: [id(v) for _, v in nn.utils.tree_flatten(m.parameters())]  # noqa: E731
     assert leaves(target.decoder) == leaves(target.lm.model)
 
@@ -39,10 +49,56 @@ def test_column_major_logits_equal_mlx_lm_logits(name, n):
     assert mx.array_equal(mx.argmax(logits, -1), mx.argmax(expected[:, 12:], -1))
 
 
+def tiny_gemma3() -> nn.Module:
+    """A random Gemma 3 text model (the embedded target's architecture) with norm weights
+    away from zero: its norms scale by 1 + weight."""
+    args = gemma3_text.ModelArgs(model_type="gemma3_text", hidden_size=64, num_hidden_layers=6, intermediate_size=128,
+                                 num_attention_heads=4, head_dim=16, num_key_value_heads=1, vocab_size=512,
+                                 sliding_window=8, sliding_window_pattern=3, query_pre_attn_scalar=16)
+    model = gemma3_text.Model(args)
+    model.update(tree_map(lambda p: mx.random.normal(p.shape, key=mx.random.key(len(p.shape))) * 0.3, model.parameters()))
+    return model
+
+
+def hidden_states(target: Target) -> list:
+    """Hidden states of a prompt read in two chunks, then verify-sized forwards, for one row
+    and for two rows at different positions (rope at an array of offsets)."""
+    tokens = mx.array([prompt_of(40, seed=5)])
+    cache = target.make_cache()
+    out = [target.hidden(tokens[:, :30], cache), target.hidden(tokens[:, 30:], cache)]
+    out += [target.hidden(mx.array([[7] * n]), cache) for n in (1, 2, 5)]
+    cache = target.make_cache(2)
+    out.append(target.hidden(mx.concatenate([tokens[:, :20]] * 2), cache))
+    for c in cache:
+        c.trim_rows([0, 3])
+    out.append(target.hidden(mx.array([[9, 8, 7], [6, 5, 4]]), cache))
+    return out
+
+
+@pytest.mark.parametrize("name", ["gemma3", "e2b", "31b", "moe"])
+def test_compiled_norms_and_rope_give_the_same_bits(name, monkeypatch):
+    model = tiny_gemma3() if name == "gemma3" else load_pair(name).target.model
+    compiled = hidden_states(Target(model))
+    monkeypatch.setattr(cpu, "COMPILED", {})  # column-major linears only
+    plain = hidden_states(Target(model))
+    assert all(mx.array_equal(a, b) for a, b in zip(compiled, plain))
+
+
+def test_a_lone_row_is_repeated_for_the_product_and_keeps_its_bits():
+    weight = mx.random.normal((4096, 64))
+    x = mx.random.normal((1, 1, 64))
+    one = column_product(x, weight)
+    two = column_product(x, weight, rows_at_least=2)
+    assert two.shape == (1, 1, 4096) and mx.array_equal(one, two)
+    assert mx.allclose(two, x @ weight.T, atol=1e-4)
+    rows = mx.random.normal((3, 64))  # already enough rows: unchanged
+    assert mx.array_equal(column_product(rows, weight, rows_at_least=2), column_product(rows, weight))
+
+
 def test_column_linear_with_bias_equals_linear():
     linear = nn.Linear(6, 4, bias=True)
     x = mx.random.normal((2, 3, 6))
-    column = with_column_linears(linear)
+    column = for_cpu(linear)
     assert type(column) is ColumnLinear and type(linear) is nn.Linear
     assert mx.allclose(column(x), linear(x), atol=1e-6)
 
@@ -76,6 +132,9 @@ def test_bound_for_a_fixed_draft_length_is_tau_t1_over_the_round_cost():
     assert speedup_bound(costs, stats) == pytest.approx(4 * 0.10 / (0.12 + 0.10))
     long = Stats(drafts=[[5] * 4], accepted=[4], sources=["mtp"], committed=[5])
     assert speedup_bound(costs, long) is None  # T(5) was not measured
+    # Where plain mlx-lm's own step was measured, tokens count at its cost, not at our T(1).
+    costs.plain = 0.15
+    assert speedup_bound(costs, stats) == pytest.approx(4 * 0.15 / (0.12 + 0.10))
 
 
 def test_round_times_disagree_only_over_a_full_window_by_a_wide_margin():
@@ -103,4 +162,4 @@ def test_costs_from_a_busy_moment_are_measured_again(tmp_path, monkeypatch, with
     assert out.tokens == expected
     assert pair.costs[1].target[0] < 1.0  # measured again after one window of rounds
     on_disk = json.loads((tmp_path / "costs.json").read_text())
-    assert {"target": pair.costs[1].target, "draft_step": pair.costs[1].draft_step} in on_disk.values()
+    assert asdict(pair.costs[1]) in on_disk.values()
