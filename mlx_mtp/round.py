@@ -120,7 +120,6 @@ def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts:
     pipeline = target.pipeline
     if pipeline is not None and proposal.k:  # rank 0's drafts, scheduled before the forward
         proposal.tokens = pipeline.share(proposal.tokens.astype(mx.int32))
-    if proposal.k:  # drafting runs while the verify forward's graph is built
         mx.async_eval(proposal.tokens)
     hidden = target.hidden(mx.concatenate([ctx.token[:, None], proposal.tokens], axis=1), cache)
     logits = target.logits(hidden)  # [B, K + 1, V]
