@@ -1,9 +1,9 @@
 """The target's forward on the CPU: the same arithmetic as mlx-lm's modules, in kernels
 that suit a CPU (README, "Fast CPU path").
 
-- Linear layers and the head (target only) compute x @ W.T as (W @ x.T).T: with 3 or more
-  rows of x, the BLAS path taken for x @ W.T re-packs W, so a forward over K + 1 tokens
-  cost up to twice a forward over one; W @ x.T reads W once for any few rows.
+- Linear layers and the head compute x @ W.T as (W @ x.T).T: with 3 or more rows of x,
+  the BLAS path taken for x @ W.T re-packs W, so a forward over K + 1 tokens cost up to
+  twice a forward over one; W @ x.T reads W once for any few rows.
 - Norms and RoPE run compiled: on the CPU `mx.fast.rms_norm` and `mx.fast.rope` are
   compositions of several small ops, each paying a dispatch of a few microseconds, about
   six norms and two ropes per layer; compiled, their elementwise parts fuse. The results
@@ -35,11 +35,11 @@ def column_product(x: mx.array, weight: mx.array, rows_at_least: int = 1) -> mx.
     runs a one-row product (a gemv) on one thread, a two-row one on all (the target's
     head: 26 ms -> 18 ms here), and the row's result is the same bits."""
     rows = x.reshape(-1, x.shape[-1])  # [M, in]
-    M = rows.shape[0]
-    if M < rows_at_least:
+    if rows.shape[0] < rows_at_least:
         # [1, in] -> [rows_at_least, in], copied: a broadcast (stride 0) view is as slow as one row
-        rows = mx.concatenate([rows] * rows_at_least)
-    out = (weight @ rows.T).T[:M]
+        out = (weight @ mx.concatenate([rows] * rows_at_least).T).T[: rows.shape[0]]
+    else:
+        out = (weight @ rows.T).T
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
