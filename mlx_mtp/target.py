@@ -53,6 +53,12 @@ class Target:
         self.softcap = getattr(self.lm, "final_logit_softcapping", None)
         # The norm is never quantized: the dtype activations and KV arrays have.
         self.dtype = self.lm.model.norm.weight.dtype
+        # The input embedding's scale as mlx-lm's model applies it (made once: `embed` runs in
+        # every drafter step): gemma3 rounds sqrt(hidden) to bfloat16, gemma4 has its own.
+        if self.model_type == "gemma3_text":
+            self.embed_scale = mx.array(self.hidden_size**0.5, mx.bfloat16).astype(self.dtype)
+        else:
+            self.embed_scale = self.lm.model.embed_scale
         self.pipeline = pipeline
         self.layers = range(len(self.layer_types))  # the layers this process holds
         self.weight_bytes = 0  # in a pipeline: of the weights this rank holds
@@ -156,9 +162,7 @@ class Target:
     def embed(self, tokens: mx.array) -> mx.array:
         """The target's input embedding as mlx-lm's model scales it: [B, T] -> [B, T, H]."""
         h = self.decoder.embed_tokens(tokens)
-        if self.model_type == "gemma3_text":  # sqrt(hidden) rounded to bfloat16
-            return h * mx.array(self.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
-        return h * self.decoder.embed_scale
+        return h * self.embed_scale
 
     def shared_kv(self, cache) -> dict:
         """kind -> (keys, values, first position): views of the target's cache arrays
