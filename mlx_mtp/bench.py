@@ -223,8 +223,9 @@ def benchmark(
 def summarize(runs: List[Run], costs: Optional[Costs] = None) -> dict:
     """One entry per setting (medians of tokens/s over its runs) and the overall speedup.
 
-    The overall speedup is the geometric mean of the settings' speedups, so every kind of
-    prompt weighs the same whatever its length. Batched settings also compare mlx-mtp with
+    Overall speedups are geometric means of the settings' speedups, so every kind of prompt
+    weighs the same whatever its length: `overall` has one per setting but its kind (e.g. per
+    proposer), `overall_speedup` is over every setting. Batched settings also compare mlx-mtp with
     itself at B = 1 (`vs_batch_1`), when B = 1 was measured. Unbatched settings get the
     `bound` their rounds allow at the measured single-row `costs` (`tuning.speedup_bound`).
     """
@@ -262,9 +263,20 @@ def summarize(runs: List[Run], costs: Optional[Costs] = None) -> dict:
             chosen = [k for r in rs for k in r.draft_tokens_chosen]
             entry["draft_tokens_chosen"] = {k: chosen.count(k) for k in sorted(set(chosen))}
         summary.append(entry)
-    speedups = [s["speedup"] for s in summary if s["speedup"] > 0]
-    overall = math.exp(statistics.fmean(map(math.log, speedups))) if speedups else 0.0
-    return {"summary": summary, "overall_speedup": overall}
+    by_setting: Dict[tuple, List[float]] = {}  # the setting but its kind -> speedups of its kinds
+    for entry in summary:
+        key = (entry["proposer"], entry["temperature"], entry["draft_tokens"], entry.get("batch"))
+        by_setting.setdefault(key, []).append(entry["speedup"])
+    overall = [
+        {"proposer": p, "temperature": t, "draft_tokens": k, "batch": b, "speedup": geometric_mean(speedups)}
+        for (p, t, k, b), speedups in by_setting.items()
+    ]
+    return {"summary": summary, "overall": overall, "overall_speedup": geometric_mean([e["speedup"] for e in summary])}
+
+
+def geometric_mean(speedups: List[float]) -> float:
+    speedups = [x for x in speedups if x > 0]
+    return math.exp(statistics.fmean(map(math.log, speedups))) if speedups else 0.0
 
 
 def machine_info() -> dict:

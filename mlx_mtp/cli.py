@@ -540,6 +540,16 @@ def _fraction(x: float) -> str:
     return f"{x:.2f}".lstrip("0")
 
 
+def overall_speedups(overall: List[dict]) -> str:
+    """"2.31x", or with several settings one per setting, named by what differs between
+    them: "hybrid 2.31x, mtp 1.54x"."""
+    if len(overall) == 1:
+        return f"{overall[0]['speedup']:.2f}x"
+    names = {"proposer": "{}", "temperature": "T={:g}", "draft_tokens": "K={}", "batch": "B={}"}
+    varying = [key for key in names if len({str(e[key]) for e in overall}) > 1]
+    return ", ".join(" ".join(names[key].format(e[key]) for key in varying) + f" {e['speedup']:.2f}x" for e in overall)
+
+
 def bench_tables(result: dict) -> List[Table]:
     """Speed (with the bound the costs allow and the greedy identity check), then acceptance:
     each fits 80 columns."""
@@ -547,7 +557,7 @@ def bench_tables(result: dict) -> List[Table]:
     batched = "batch" in rows[0]
     proposers = len({r["proposer"] for r in rows}) > 1
     costs = result.get("costs")
-    title = f"overall speedup {result['overall_speedup']:.2f}x ({result['config']['prompt_format']})"
+    title = f"overall speedup {overall_speedups(result['overall'])} ({result['config']['prompt_format']})"
     caption = None
     if costs:
         curve = " ".join(f"{t * 1000:.0f}" for t in costs["target"])

@@ -1,6 +1,7 @@
 """bench: plain mlx-lm against mlx-mtp on one loaded target, interleaved, summarized."""
 
 import json
+import math
 
 import pytest
 
@@ -94,6 +95,21 @@ def test_the_summary_has_one_entry_per_setting_with_medians():
         assert entry["identical"] is (True if entry["temperature"] == 0 else None)
     speedups = [e["speedup"] for e in result["summary"]]
     assert min(speedups) <= result["overall_speedup"] <= max(speedups)
+
+
+def test_the_overall_speedup_is_given_per_proposer_over_the_kinds():
+    pair = load_pair("e2b")
+    tasks = bench.plan(pair, {"a": ["Hello world"], "b": ["Write a list"]}, [0.0], [2], 1, proposers=("hybrid", "mtp"))
+    result = bench.summarize(list(bench.benchmark(pair, tasks, max_tokens=8)))
+    speedups = {(e["proposer"], e["kind"]): e["speedup"] for e in result["summary"]}
+    assert len(speedups) == 4
+    assert [(e["proposer"], e["temperature"], e["draft_tokens"], e["batch"]) for e in result["overall"]] == [
+        ("hybrid", 0.0, 2, None), ("mtp", 0.0, 2, None)
+    ]
+    for entry in result["overall"]:
+        a, b = speedups[entry["proposer"], "a"], speedups[entry["proposer"], "b"]
+        assert entry["speedup"] == pytest.approx((a * b) ** 0.5)
+    assert result["overall_speedup"] == pytest.approx(math.prod(speedups.values()) ** 0.25)
 
 
 def test_a_batch_plan_takes_the_first_prompts_of_all_kinds():

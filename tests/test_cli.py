@@ -488,6 +488,9 @@ def test_bench_writes_a_summary_per_setting_and_every_run(prompts_file, tmp_path
         assert entry["kind"] == "file" and entry["speedup"] == pytest.approx(entry["mtp_tps"] / entry["baseline_tps"])
         assert entry["identical"] is (True if entry["temperature"] == 0 else None)
     assert [(e["temperature"], e["draft_tokens"]) for e in report["summary"]] == [(0, 1), (0, 2), (0.7, 1), (0.7, 2)]
+    # One kind ("file"): each setting's overall speedup is its own, named by what differs.
+    assert [e["speedup"] for e in report["overall"]] == [e["speedup"] for e in report["summary"]]
+    assert "overall speedup T=0 K=1 " in " ".join(result.stdout.split())
     assert len(report["runs"]) == 2 * 4 and report["overall_speedup"] > 0
     assert report["machine"]["device"] and report["config"]["max_tokens"] == 6
 
@@ -558,6 +561,9 @@ def test_bench_compares_proposers_on_plain_text_with_the_cost_curve_and_bound(pr
     assert "(plain text)" in result.stdout and "bound" in result.stdout and "target forward over 1..5" in result.stdout
     report = json.loads(out.read_text())
     assert [e["proposer"] for e in report["summary"]] == ["hybrid", "mtp"]
+    assert [e["proposer"] for e in report["overall"]] == ["hybrid", "mtp"]
+    hybrid, mtp = (f"{e['speedup']:.2f}x" for e in report["overall"])
+    assert f"overall speedup hybrid {hybrid}, mtp {mtp} (plain text)" in result.stdout
     assert report["config"]["prompt_format"] == "plain text"
     pair = load_pair("e2b")
     assert report["runs"][0]["prompt_tokens"] == [len(encode(pair, "Hello world"))]  # no template
