@@ -48,14 +48,25 @@ def products(weights, rows):
     }
 
 
+def positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def row_counts(text: str):
+    """"1,2,3" -> [1, 2, 3]."""
+    return [positive(n) for n in text.split(",")]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="1,2,3,4,5,8", help="row counts n, comma-separated")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rows", type=row_counts, default="1,2,3,4,5,8", help="row counts n, comma-separated")
+    parser.add_argument("--repeats", type=positive, default=7, help="runs of each product (the fastest counts)")
     args = parser.parse_args()
-    rows = [int(n) for n in args.rows.split(",")]
+    rows, repeats = args.rows, args.repeats
     numpy_blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
-    print(f"MLX's BLAS: {blas.describe()}; numpy's: {numpy_blas['name']} {numpy_blas.get('version', '')}")
+    print(f"MLX's {blas.describe()}; numpy's BLAS: {numpy_blas['name']} {numpy_blas.get('version', '')}")
     rng = np.random.default_rng(0)
     shapes = {"head 262144 x 640": [(262144, 640)], "18 x MLP 2048 x 640": [(2048, 640)] * 18}
     for label, shape_list in shapes.items():
@@ -64,7 +75,7 @@ def main():
         print(f"\n{label} ({megabytes:.0f} MB): ms (GB/s of W read once)")
         # One product at a time over every n: OpenBLAS's threads spin for a while after a call
         # and would slow down an MLX product timed right after a numpy one.
-        times = {name: [fastest_ms(make(n), args.repeats) for n in rows] for name, make in products(weights, rows).items()}
+        times = {name: [fastest_ms(make(n), repeats) for n in rows] for name, make in products(weights, rows).items()}
         print(f"{'n':>3}" + "".join(f"{name:>22}" for name in times))
         for i, n in enumerate(rows):
             print(f"{n:>3}" + "".join(f"{t[i]:>13.1f} ({megabytes / t[i]:>4.0f})" for t in times.values()))
