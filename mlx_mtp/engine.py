@@ -220,6 +220,8 @@ class Engine:
             tokenizer.detokenizer if tokenizer is not None else None,
             at_context,
         )
+        if not self.busy and self.pair.stale_costs:  # a pause here delays a first token only
+            self.pair.remeasure_stale_costs()
         row.conversation.busy = True
         self.waiting.append(row)
         return row

@@ -46,24 +46,30 @@ class Pair:
 
         def measured(b: int) -> Costs:
             if b not in self.costs:
-                refresh = b in self.stale_costs
+                self.costs[b] = load_or_measure(self, self.default_draft_tokens, b, b in self.stale_costs)
                 self.stale_costs.discard(b)
-                self.costs[b] = load_or_measure(self, self.default_draft_tokens, b, refresh)
             return self.costs[b]
 
         return interpolate_costs(measured, rows)
 
     def observe_round(self, costs: Costs, k: int, drafter: bool, seconds: float):
         """A round whose K was chosen from `costs` drafted k tokens (with drafter steps or
-        not) and took `seconds`: when recent rounds disagree with the costs, they are
-        measured again."""
+        not) and took `seconds`: when recent rounds disagree with the costs, they are marked
+        to be measured again by `remeasure_stale_costs`."""
         if k >= len(costs.target) or self.target.pipeline is not None:
             # (a row's fixed K past what was measured; or a pipeline: ranks would have to
             # agree on each round's time, one more exchange per round)
             return
         if self.round_times.disagree(seconds, costs.target[k] + drafter * k * costs.draft_step):
             self.stale_costs |= set(self.costs)
-            self.costs = {}
+
+    def remeasure_stale_costs(self):
+        """Measure again the costs that live rounds disagreed with. A measurement takes a
+        few dozen forwards, so the engine calls this before a generation starts on it when
+        idle, never between two tokens of a stream; until then the old costs serve."""
+        for b in sorted(self.stale_costs):
+            self.costs.pop(b, None)
+            self.draft_costs(b)
 
     def __post_init__(self):
         self.mtp = None

@@ -18,6 +18,7 @@ from mlx.utils import tree_map
 
 from mlx_mtp import cpu
 from mlx_mtp.cpu import ColumnLinear, column_product, for_cpu
+from mlx_mtp.engine import Engine
 from mlx_mtp.target import Target
 from mlx_mtp.tuning import Costs, RoundTimes, speedup_bound
 
@@ -160,6 +161,25 @@ def test_costs_from_a_busy_moment_are_measured_again(tmp_path, monkeypatch, with
     with_proposer(pair, ContinuationProposer([], noise=1.0))  # wrong drafts: one token a round
     out = mlx_mtp.generate(pair, prompt, max_tokens=RoundTimes.WINDOW + 10)
     assert out.tokens == expected
-    assert pair.costs[1].target[0] < 1.0  # measured again after one window of rounds
+    # Found out after one window of rounds, but never measured between two tokens of a stream:
+    assert pair.costs[1].target[0] == 10.0 and pair.stale_costs == {1}
+    stream = mlx_mtp.stream_generate(pair, prompt, max_tokens=4)
+    next(stream)  # the next generation's first token comes after the new measurement
+    assert pair.costs[1].target[0] < 1.0 and not pair.stale_costs
+    assert [t for r in stream for t in r.tokens] == expected[1:4]
     on_disk = json.loads((tmp_path / "costs.json").read_text())
     assert asdict(pair.costs[1]) in on_disk.values()
+
+
+def test_stale_costs_wait_while_the_engine_has_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_MTP_HOME", str(tmp_path))
+    target, drafter = PAIRS["31b"]
+    pair = mlx_mtp.load(str(FIXTURES / target), str(FIXTURES / drafter))
+    spoilt = Costs([10.0] * 5, 1.0)
+    pair.costs, pair.stale_costs = {1: spoilt}, {1}
+    engine = Engine(pair, max_batch=2)
+    engine.add(prompt_of(6, seed=1))  # an idle engine: measured before the row is taken in
+    assert pair.costs[1].target[0] < 1.0 and not pair.stale_costs
+    pair.costs, pair.stale_costs = {1: spoilt}, {1}
+    engine.add(prompt_of(6, seed=2))  # a row is waiting: its stream must not pause
+    assert pair.costs[1] is spoilt and pair.stale_costs == {1}
