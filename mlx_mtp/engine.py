@@ -220,8 +220,6 @@ class Engine:
             tokenizer.detokenizer if tokenizer is not None else None,
             at_context,
         )
-        if not self.busy and self.pair.stale_costs:  # a pause here delays a first token only
-            self.pair.remeasure_stale_costs()
         row.conversation.busy = True
         self.waiting.append(row)
         return row
@@ -237,6 +235,8 @@ class Engine:
     def step(self) -> List[Update]:
         """One round for the live rows, then up to PREFILL_STEP prompt ids of waiting rows."""
         updates = []
+        if not self.rows and self.pair.stale_costs:  # no stream under way: this pause delays first tokens only
+            self.pair.remeasure_stale_costs()
         if self.rows:
             updates += self._round()
         tic = time.perf_counter()

@@ -65,8 +65,9 @@ class Pair:
 
     def remeasure_stale_costs(self):
         """Measure again the costs that live rounds disagreed with. A measurement takes a
-        few dozen forwards, so the engine calls this before a generation starts on it when
-        idle, never between two tokens of a stream; until then the old costs serve."""
+        few dozen forwards, so the engine calls this only when no row of it is streaming
+        (before first tokens), never between two tokens of a stream; until then the old
+        costs serve."""
         for b in sorted(self.stale_costs):
             self.costs.pop(b, None)
             self.draft_costs(b)

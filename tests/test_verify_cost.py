@@ -171,15 +171,18 @@ def test_costs_from_a_busy_moment_are_measured_again(tmp_path, monkeypatch, with
     assert asdict(pair.costs[1]) in on_disk.values()
 
 
-def test_stale_costs_wait_while_the_engine_has_rows(tmp_path, monkeypatch):
+def test_stale_costs_wait_while_a_row_is_streaming(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_MTP_HOME", str(tmp_path))
     target, drafter = PAIRS["31b"]
     pair = mlx_mtp.load(str(FIXTURES / target), str(FIXTURES / drafter))
     spoilt = Costs([10.0] * 5, 1.0)
     pair.costs, pair.stale_costs = {1: spoilt}, {1}
-    engine = Engine(pair, max_batch=2)
-    engine.add(prompt_of(6, seed=1))  # an idle engine: measured before the row is taken in
+    engine = Engine(pair)
+    row = engine.add(prompt_of(6, seed=1), max_tokens=8)
+    assert pair.costs[1] is spoilt  # queued, not started
+    assert [len(u.tokens) for u in engine.step()] == [1]  # measured first, then read, then its first token
     assert pair.costs[1].target[0] < 1.0 and not pair.stale_costs
     pair.costs, pair.stale_costs = {1: spoilt}, {1}
-    engine.add(prompt_of(6, seed=2))  # a row is waiting: its stream must not pause
+    engine.step()  # the row streams: no pause between its tokens
     assert pair.costs[1] is spoilt and pair.stale_costs == {1}
+    engine.remove(row)
