@@ -59,7 +59,7 @@ class RoundTimes:
         return True
 
 
-def _fastest_time(fn, repeats: int = 5) -> float:
+def fastest_time(fn, repeats: int = 5) -> float:
     """The fastest of a few runs: other load only ever slows a run down, so the minimum is
     the estimate that a busy moment spoils least."""
     fn()  # warm-up
@@ -97,7 +97,7 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
 
         return run
 
-    costs = [_fastest_time(forward(n)) for n in range(1, k_max + 2)]
+    costs = [fastest_time(forward(n)) for n in range(1, k_max + 2)]
     plain = None
     if rows == 1 and target.pipeline is None:  # (a pipeline rank holds only some layers)
 
@@ -106,7 +106,7 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
             for c in cache:
                 c.trim_rows([1])
 
-        plain = _fastest_time(plain_step)
+        plain = fastest_time(plain_step)
     draft = 0.0
     if pair.drafter is not None:
         positions = cache[0].positions
@@ -115,7 +115,7 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
         history = [[7] * (p + 1) for p in positions]
         ctx = DraftContext(mx.array([7] * rows), carry, position, target.shared_kv(cache), history,
                            [SamplingParams()] * rows)
-        draft = _fastest_time(lambda: mx.eval(pair.mtp.propose(ctx, 1).tokens))
+        draft = fastest_time(lambda: mx.eval(pair.mtp.propose(ctx, 1).tokens))
     return Costs(costs, draft, plain)
 
 

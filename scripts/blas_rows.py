@@ -16,23 +16,13 @@ time should hardly grow with n. For the target's head (262144 x 640 fp32, 671 MB
 """
 
 import argparse
-import time
 
 import mlx_mtp  # noqa: F401  (before mlx: loads MKL on Linux)
 import mlx.core as mx
 import numpy as np
 
 from mlx_mtp import blas
-
-
-def fastest_ms(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - tic)
-    return best * 1e3
+from mlx_mtp.tuning import fastest_time
 
 
 def products(weights, rows):
@@ -75,7 +65,7 @@ def main():
         print(f"\n{label} ({megabytes:.0f} MB): ms (GB/s of W read once)")
         # One product at a time over every n: OpenBLAS's threads spin for a while after a call
         # and would slow down an MLX product timed right after a numpy one.
-        times = {name: [fastest_ms(make(n), repeats) for n in rows] for name, make in products(weights, rows).items()}
+        times = {name: [fastest_time(make(n), repeats) * 1e3 for n in rows] for name, make in products(weights, rows).items()}
         print(f"{'n':>3}" + "".join(f"{name:>22}" for name in times))
         for i, n in enumerate(rows):
             print(f"{n:>3}" + "".join(f"{t[i]:>13.1f} ({megabytes / t[i]:>4.0f})" for t in times.values()))

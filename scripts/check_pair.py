@@ -19,17 +19,13 @@ from pathlib import Path
 
 import mlx_mtp  # loads MKL before mlx where available
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from rich.console import Console
 
 from mlx_mtp import cli
 from mlx_mtp.bench import benchmark, load_prompts, plan, report
+from mlx_mtp.pipeline import weight_bytes
 from mlx_mtp.registry import TEMPLATE
 from mlx_mtp.stats import Stats
-
-
-def weight_bytes(module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
 def peak_memory() -> dict:
