@@ -38,6 +38,9 @@ def products(weights, rows):
     }
 
 
+MAX_ROWS = 64  # a verify is at most 17 rows; the head's output for n rows is n MB
+
+
 def positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -45,8 +48,11 @@ def positive(text: str) -> int:
 
 
 def row_counts(text: str):
-    """"1,2,3" -> [1, 2, 3]."""
-    return [positive(n) for n in text.split(",")]
+    """"1,2,3" -> [1, 2, 3], each in 1..MAX_ROWS."""
+    counts = [positive(n) for n in text.split(",")]
+    if max(counts) > MAX_ROWS:
+        raise argparse.ArgumentTypeError(f"row counts go up to {MAX_ROWS}, got {max(counts)}")
+    return counts
 
 
 def main():
