@@ -1,29 +1,32 @@
 """mlx-mtp: exact speculative decoding with multi-token-prediction drafters on MLX."""
 
-from .blas import preload_mkl
+from .models.blas import preload_mkl
 
 preload_mkl()  # before anything imports mlx: MKL only takes over MLX's BLAS if loaded first
 
-from .engine import Engine, PromptCache, Update
-from .generate import (
+from .api import (
     BatchResults,
     GenerationResponse,
     GenerationResult,
-    Pair,
     batch_generate,
     generate,
     load,
     make_prompt_cache,
     stream_generate,
 )
-from .loading import LoadError
-from .sampling import SamplingParams
-from .stats import BatchStats, Stats
+from .checkpoints.loading import LoadError
+from .checkpoints.pair import Pair
+from .decoding.sampling import SamplingParams
+from .engine.rows import PromptCache, Update
+from .engine.scheduler import Engine
+from .engine.stats import BatchStats, Stats
+from .request import GenerationRequest
 
 __all__ = [
     "BatchResults",
     "BatchStats",
     "Engine",
+    "GenerationRequest",
     "GenerationResponse",
     "GenerationResult",
     "LoadError",

@@ -22,16 +22,19 @@ from mlx_lm import batch_generate as mlx_lm_batch_generate
 from mlx_lm import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from .chat import apply_template
-from .generate import Pair, Stats, batch_generate, encode, generate
-from .tuning import Costs, load_or_measure, speedup_bound
+from ..api import batch_generate, generate
+from ..checkpoints.pair import Pair
+from ..conversation import apply_template
+from ..engine.costs import CostModel, Costs, load_or_measure, speedup_bound
+from ..engine.stats import Stats
+from ..request import encode
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-PROMPTS = Path(__file__).with_name("bench_prompts.toml")
+PROMPTS = Path(__file__).with_name("prompts.toml")
 WARMUP_TOKENS = 16
 
 
@@ -49,7 +52,7 @@ def encode_prompt(pair: Pair, text: str, template: bool) -> List[int]:
     """One user turn through the chat template, or the text itself to be continued."""
     if template:
         text = apply_template(pair, [{"role": "user", "content": text}])
-    return encode(pair, text)
+    return encode(pair.tokenizer, text)
 
 
 @dataclass(frozen=True)
@@ -171,8 +174,8 @@ def run_baseline(pair: Pair, task: Task, max_tokens: int, sampling: dict, seed: 
 
 def run_mtp(pair: Pair, task: Task, max_tokens: int, sampling: dict, seed: int):
     """mlx-mtp: (ids per prompt, generation tokens/s, stats of all rows, per row, K per round)."""
-    kwargs = dict(max_tokens=max_tokens, num_draft_tokens=task.setting.draft_tokens, seed=seed, **sampling)
-    pair.use_proposer(task.setting.proposer)
+    kwargs = dict(max_tokens=max_tokens, num_draft_tokens=task.setting.draft_tokens, seed=seed,
+                  proposer=task.setting.proposer, **sampling)
     if task.setting.batch:
         out = batch_generate(pair, task.prompts, **kwargs)
         # mlx-lm's batch_generate leaves out the EOS that ended a row.
@@ -204,7 +207,7 @@ def benchmark(
     if any(task.setting.draft_tokens is None for task in tasks):
         most = max(task.setting.batch or 1 for task in tasks)
     sizes = [1 << i for i in range((2 * most - 1).bit_length())]  # the powers of two up to `most` and past it
-    pair.costs = {b: load_or_measure(pair, k_max, b, refresh=True) for b in sizes}
+    CostModel.of(pair).measured = {b: load_or_measure(pair, k_max, b, refresh=True) for b in sizes}
     for task in first.values():
         run_baseline(pair, task, WARMUP_TOKENS, warm, seed)
         run_mtp(pair, task, WARMUP_TOKENS, warm, seed)
@@ -295,14 +298,15 @@ def machine_info() -> dict:
 
 def report(pair: Pair, runs: List[Run], config: dict) -> dict:
     """The --json-out document: summary, overall speedup, every run, machine and settings."""
+    costs = CostModel.of(pair).measured
     return {
-        **summarize(runs, pair.costs.get(1)),
+        **summarize(runs, costs.get(1)),
         "runs": [r.to_dict() for r in runs],
         "model": pair.name,
         "config": config,
         # Seconds: target[n - 1] for a forward over n new tokens, draft_step for one drafter
         # step; for one row (what the bounds use and auto K chooses from), and by batch size.
-        "costs": asdict(pair.costs[1]) if 1 in pair.costs else None,
-        "costs_by_batch": {b: asdict(c) for b, c in sorted(pair.costs.items())},
+        "costs": asdict(costs[1]) if 1 in costs else None,
+        "costs_by_batch": {b: asdict(c) for b, c in sorted(costs.items())},
         "machine": machine_info(),
     }

@@ -109,6 +109,18 @@ class BatchCache(_BaseCache):
             raise RuntimeError("trimmed past the positions this cache still holds")
         self.positions = positions
 
+    def can_rewind(self, position: int) -> bool:
+        """Whether this one-row cache, moved back so that `position` is the next one
+        written, still holds what a forward there reads: every earlier position, or for a
+        sliding layer the window before it, the drafter's one extra position and one to
+        spare."""
+        needed = 0 if self.window is None else max(0, position - self.window - 2)
+        return self.start <= needed
+
+    def rewind(self, position: int):
+        """Move this one-row cache back so that `position` is the next one written."""
+        self.trim_rows([self.positions[0] - position])
+
     def is_trimmable(self):
         return True
 

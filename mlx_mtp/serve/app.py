@@ -31,10 +31,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .chat import StopText, render, stop_strings
-from .engine import Engine, PromptCache, check_token_ids
-from .generate import Pair, encode
-from .sampling import SamplingParams
+from ..checkpoints.pair import Pair
+from ..conversation import render, stop_strings
+from ..decoding.sampling import SamplingParams
+from ..engine.rows import PromptCache
+from ..engine.scheduler import Engine
+from ..request import GenerationRequest, check_vocabulary, encode
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -54,10 +56,7 @@ def error_response(e: BadRequest) -> JSONResponse:
 class Job:
     """One request as the worker sees it; `events` carries its updates to the handler."""
 
-    prompt: List[int]
-    params: SamplingParams
-    max_tokens: int
-    seed: Optional[int]
+    request: GenerationRequest  # all of the prompt, also what a kept conversation has
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     row: object = None
@@ -175,11 +174,10 @@ class Worker:
             except queue.Empty:
                 return
             block = False
-            kept = self.conversations.take(job.prompt)
+            kept = self.conversations.take(job.request.prompt)
             conv = kept or PromptCache()
             try:
-                job.row = self.engine.add(job.prompt[len(conv.tokens):], job.params, job.max_tokens, job.seed,
-                                          self.draft_tokens, prompt_cache=conv)
+                job.row = self.engine.add(job.request.with_prompt(job.request.prompt[len(conv.tokens):]), conv)
             except ValueError as e:
                 if kept is not None:  # kept again, rolled back (which loses nothing)
                     dropped = self.conversations.keep(kept)
@@ -191,7 +189,7 @@ class Worker:
             self.jobs.append(job)
             if self.pipeline is not None:
                 taken = None if kept is None else (id(kept), len(kept.tokens))
-                self.plan.append(["add", id(job), job.prompt, job.settings, taken])
+                self.plan.append(["add", id(job), list(job.request.prompt), job.settings, taken, job.request.stop])
 
     def _finish(self, job: Job, error: Optional[Exception]):
         self.engine.remove(job.row)
@@ -227,14 +225,13 @@ def follow(pair: Pair, max_batch: int, draft_tokens: Optional[int]):
         plan = pair.target.pipeline.share_json() or {"ops": [], "stop": False}
         for op, *args in plan["ops"]:
             if op == "add":
-                job, prompt, body, taken = args
+                job, prompt, body, taken, stops = args
                 conv = PromptCache()
                 if taken is not None:
                     conv = kept.pop(taken[0])
                     conv.rewind(taken[1])
-                settings = parse_settings(body, context, pair.target.vocab_size)
-                rows[job] = engine.add(prompt[len(conv.tokens):], settings.params, settings.max_tokens,
-                                       settings.seed, draft_tokens, prompt_cache=conv)
+                request = parse_request({**body, "stop": None}, context, pair.target.vocab_size, draft_tokens, stops)
+                rows[job] = engine.add(request.with_prompt(prompt[len(conv.tokens):]), conv)
                 continue
             if op == "finish":  # the row ends, its conversation is kept
                 job, key, dropped = args
@@ -269,17 +266,6 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
     return kind(value)
 
 
-@dataclass
-class Settings:
-    """What a request asks for, checked."""
-
-    params: SamplingParams
-    max_tokens: int
-    seed: Optional[int]
-    stop: List[str] = field(default_factory=list)
-    stream: bool = False
-
-
 def parse_processors(body: dict, vocab_size: int) -> list:
     """mlx-lm's logits processors from OpenAI's `logit_bias`, `presence_penalty` and
     `frequency_penalty` and mlx_lm.server's `repetition_penalty` / `repetition_context_size`."""
@@ -300,7 +286,9 @@ def parse_processors(body: dict, vocab_size: int) -> list:
     )
 
 
-def parse_settings(body: dict, context: Optional[int], vocab_size: int) -> Settings:
+def parse_request(body: dict, context: Optional[int], vocab_size: int, draft_tokens: Optional[int],
+                  own_stops: List[str] = ()) -> GenerationRequest:
+    """The request's settings (no prompt yet), checked; `own_stops`: the server's stop strings."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     max_tokens = _number({param: max_tokens}, param, 256, int, low=1, high=context)
@@ -317,11 +305,19 @@ def parse_settings(body: dict, context: Optional[int], vocab_size: int) -> Setti
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    try:
+        params = SamplingParams(temperature, top_p, top_k, min_p, parse_processors(body, vocab_size))
+        return GenerationRequest((), params, max_tokens, seed if seed is None else seed % 2**32, draft_tokens,
+                                 tuple(stop) + tuple(own_stops))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+def parse_stream(body: dict) -> bool:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", "stream")
-    params = SamplingParams(temperature, top_p, top_k, min_p, parse_processors(body, vocab_size))
-    return Settings(params, max_tokens, seed if seed is None else seed % 2**32, stop, stream)
+    return stream
 
 
 def completion_prompt(pair: Pair, body: dict) -> List[int]:
@@ -333,10 +329,11 @@ def completion_prompt(pair: Pair, body: dict) -> List[int]:
             raise BadRequest("'prompt' is empty", "prompt")
         if pair.tokenizer is None:
             raise BadRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
-        return encode(pair, prompt)
+        return encode(pair.tokenizer, prompt)
     if isinstance(prompt, list):
         try:
-            return check_token_ids(prompt, pair.target.vocab_size)
+            check_vocabulary(encode(None, prompt), pair.target.vocab_size)
+            return prompt
         except ValueError as e:
             raise BadRequest(str(e), "prompt") from None
     raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
@@ -359,7 +356,7 @@ def chat_prompt(pair: Pair, body: dict) -> List[int]:
             raise BadRequest("each message needs a 'role' and a 'content'", "messages")
         clean.append({"role": m["role"], "content": content})
     try:
-        return encode(pair, render(pair, clean))
+        return encode(pair.tokenizer, render(pair, clean))
     except ValueError as e:
         raise BadRequest(str(e), "messages") from None
 
@@ -403,16 +400,17 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
         try:
             check_auth(request)
             body = await read_json(request)
-            settings = parse_settings(body, context, pair.target.vocab_size)
+            # a base target's chat reply ends where it starts the next turn
+            settings = parse_request(body, context, pair.target.vocab_size, worker.draft_tokens,
+                                     stop_strings(pair) if chat else [])
+            stream_reply = parse_stream(body)
             ids = chat_prompt(pair, body) if chat else completion_prompt(pair, body)
-            if chat:  # a base target's reply ends where it starts the next turn
-                settings.stop += stop_strings(pair)
             if context and len(ids) >= context:
                 raise BadRequest(f"the prompt has {len(ids)} tokens but the context is {context}", "messages" if chat else "prompt")
         except BadRequest as e:
             return error_response(e)
         loop = asyncio.get_running_loop()
-        job = Job(ids, settings.params, settings.max_tokens, settings.seed, loop, asyncio.Queue(), prompt_tokens=len(ids),
+        job = Job(settings.with_prompt(ids), loop, asyncio.Queue(), prompt_tokens=len(ids),
                   settings={k: v for k, v in body.items() if k not in ("messages", "prompt")})
         if not worker.submit(job):
             return error_response(BadRequest("too many requests: the batch and the queue are full, retry later",
@@ -432,7 +430,7 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
 
         async def events():
             """(text, finish_reason, completion tokens, stats) as the row commits; raises BadRequest."""
-            stop, tokens = StopText(settings.stop), 0
+            tokens = 0
             while True:
                 event = await job.events.get()
                 if event[0] == "error":
@@ -440,10 +438,6 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
                 _, new, text, finish, stats = event
                 finish = "length" if finish == "context" else finish  # OpenAI's name for both limits
                 tokens += len(new)
-                text, hit = stop.feed(text, final=finish is not None)
-                if hit:
-                    job.cancelled = True
-                    finish = "stop"
                 yield text, finish, tokens, stats
                 if finish:
                     return
@@ -452,7 +446,7 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
             return {"prompt_tokens": job.prompt_tokens, "completion_tokens": tokens,
                     "total_tokens": job.prompt_tokens + tokens}
 
-        if not settings.stream:
+        if not stream_reply:
             parts = []
             try:
                 async for text, finish, tokens, stats in events():

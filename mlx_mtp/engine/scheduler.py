@@ -5,7 +5,7 @@ that produced the newest, sampling settings, random key, limits, stop ids, propo
 stats and text. `generate` is one row, `batch_generate` many, the server one per request.
 
     engine = Engine(pair)
-    row = engine.add(prompt_ids, SamplingParams(0.7), max_tokens=64, seed=1)
+    row = engine.add(GenerationRequest(prompt_ids, SamplingParams(0.7), max_tokens=64, seed=1))
     while engine.busy:
         for update in engine.step():  # text and ids committed this step, per row
             ...
@@ -29,137 +29,36 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from numbers import Integral
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 
-from .cache import MAX_DRAFT_TOKENS
-from .round import round_keys, run_round
-from .sampling import Proposal, SamplingParams, accept, group_rows
-from .stats import BatchStats, Stats
-from .tuning import Costs, choose_k
+from ..decoding.proposers import Proposer, make_proposer
+from ..decoding.round import round_keys, run_round
+from ..decoding.sampling import Proposal, accept, group_rows
+from ..request import NO_LIMIT, GenerationRequest, RowText, check_vocabulary, is_int
+from .costs import Costs, CostModel, choose_k
+from .rows import PromptCache, Row, Update
+from .stats import BatchStats
 
 PREFILL_STEP = 2048  # prompt ids read per step, in one forward
-NO_LIMIT = -1  # max_tokens as in mlx-lm: until a stop id or the end of the context
-
-
-@dataclass
-class PromptCache:
-    """A conversation between calls: its committed ids, the hidden state that produced the
-    newest, and the target cache of every committed position but the newest. A row starting
-    from it reads only new ids, and hands it back updated when it ends (also when stopped
-    early or by an exception: then with what was committed until then)."""
-
-    cache: Optional[list] = None  # per cached layer: a one-row BatchCache
-    tokens: List[int] = field(default_factory=list)
-    carry: Optional[mx.array] = None  # [1, 1, H]
-    busy: bool = False  # lent to a live row
-
-    @property
-    def cached(self) -> int:
-        """Number of positions in the target cache."""
-        return max(len(self.tokens) - 1, 0)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.cache or [])
-
-    def rewind(self, n: int) -> bool:
-        """Keep only the first n >= 1 committed ids, if the sliding layers still hold the
-        window those need; False (and nothing changed) otherwise. The next row reads at
-        least one id, which gives it the hidden state it continues from."""
-        if not 1 <= n <= len(self.tokens) or self.busy:
-            return False
-        position = n - 1  # of the newest kept id, which has no KV yet
-        if any(c.start > (0 if c.window is None else max(0, position - c.window - 2)) for c in self.cache or []):
-            return False
-        for c in self.cache or []:
-            c.trim_rows([c.positions[0] - position])
-        if n < len(self.tokens):
-            self.tokens, self.carry = self.tokens[:n], None
-        return True
-
-
-@dataclass
-class Update:
-    """What one step committed for one row."""
-
-    row: "Row"
-    tokens: List[int]
-    text: str
-    finish_reason: Optional[str]  # "stop", "length", "context", "interrupted", or None while the row goes on
-
-
-class Row:
-    def __init__(self, prompt, conversation: Optional[PromptCache], params, key, max_tokens, stop_ids, draft_tokens,
-                 state, detokenizer, at_context: bool = False):
-        self.prompt = prompt  # ids to read after the conversation's
-        self.keeps_conversation = conversation is not None  # else nobody reads it at the end
-        conversation = conversation if conversation is not None else PromptCache()
-        self.conversation = conversation
-        self.tokens = list(conversation.tokens)  # committed ids; tokens[-1] has no KV yet
-        self.carry = conversation.carry  # [1, 1, H] hidden state that produced tokens[-1]
-        self.cache = [c.copy() for c in conversation.cache] if conversation.cache else None  # while reading
-        self.read = 0  # prompt ids read so far
-        self.params: SamplingParams = params
-        self.key = key  # None for greedy rows
-        self.max_tokens = max_tokens
-        self.at_context = at_context  # max_tokens is what the context leaves
-        self.stop_ids = stop_ids
-        self.draft_tokens = draft_tokens  # fixed K, or None: chosen per round
-        self.state = state  # the proposer's state for this row
-        self.detokenizer = detokenizer
-        self.generated: List[int] = []
-        self.stats = Stats(prompt_tokens=len(prompt))
-        self.finish_reason: Optional[str] = None
-        self.started = 0.0  # when the first token was committed
-
-    @property
-    def position(self) -> int:
-        """Position of the newest committed token (the next one the target reads)."""
-        return len(self.tokens) - 1
-
-    @property
-    def remaining(self) -> int:
-        return self.max_tokens - len(self.generated)
-
-    def round_keys(self) -> Optional[mx.array]:
-        """[3, 2]: keys of this round's drafts, accept draws and last token (None: greedy)."""
-        return None if self.key is None else mx.random.split(self.key, 4)[1:]
-
-    def commit(self, tokens: List[int], carry: mx.array, interrupted: bool = False) -> str:
-        """Commit ids; returns their text (the detokenizer holds back partial characters)."""
-        if self.key is not None:
-            self.key = mx.random.split(self.key, 4)[0]
-        self.tokens += tokens
-        self.generated += tokens
-        self.carry = carry
-        self.stats.generation_tokens += len(tokens)
-        if tokens[-1] in self.stop_ids:
-            self.finish_reason = "stop"
-        elif self.remaining <= 0:
-            self.finish_reason = "context" if self.at_context else "length"
-        elif interrupted:
-            self.finish_reason = "interrupted"
-        self.stats.generation_time = time.perf_counter() - self.started
-        if self.detokenizer is None:
-            return ""
-        for t in tokens:
-            if t not in self.stop_ids:
-                self.detokenizer.add_token(t)
-        if self.finish_reason:
-            self.detokenizer.finalize()
-        return self.detokenizer.last_segment
 
 
 class Engine:
-    def __init__(self, pair, max_batch: int = 8):
+    """Rows of one pair, decoded together. proposer: who drafts for every row (a name, see
+    `make_proposer`, or a Proposer). costs: what rounds cost, for choosing K (default: the
+    pair's one cost model in this process)."""
+
+    def __init__(self, pair, max_batch: int = 8, proposer: Union[str, Proposer] = "hybrid",
+                 costs: Optional[CostModel] = None):
         if not is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.pair = pair
         self.max_batch = max_batch
+        if isinstance(proposer, str):
+            proposer = make_proposer(proposer, pair.target, pair.drafter, pair.drafter_on_rank_0)
+        self.proposer = proposer
+        self.costs = costs if costs is not None else CostModel.of(pair)
         self.rows: List[Row] = []  # live rows, in the batch cache's row order
         self.cache: Optional[list] = None  # per cached layer: BatchCache of the live rows
         self.waiting: deque = deque()  # rows whose prompt is still being read
@@ -172,54 +71,29 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.rows or self.waiting)
 
-    def add(
-        self,
-        prompt: List[int],
-        params: SamplingParams = SamplingParams(),
-        max_tokens: int = 256,
-        seed: Optional[int] = None,
-        draft_tokens: Optional[int] = None,
-        stop_ids=None,
-        prompt_cache: Optional[PromptCache] = None,
-    ) -> Row:
-        """Queue a row: token ids to read (after the prompt cache's conversation, if any).
-
-        draft_tokens: K every round (0: plain decoding), or None to choose K per round
-        from measured costs and the live acceptance, up to the pair's default."""
-        prompt = check_token_ids(prompt, self.pair.target.vocab_size)
-        if not is_int(max_tokens) or not (max_tokens >= 1 or max_tokens == NO_LIMIT):
-            raise ValueError(f"max_tokens must be an integer >= 1, or -1 for no limit, got {max_tokens!r}")
-        if draft_tokens is not None and not (is_int(draft_tokens) and 0 <= draft_tokens <= MAX_DRAFT_TOKENS):
-            raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {draft_tokens!r}")
-        if seed is not None and not (is_int(seed) and 0 <= seed < 2**64):
-            raise ValueError(f"seed must be an integer in 0..2**64 - 1, got {seed!r}")
+    def add(self, request: GenerationRequest, prompt_cache: Optional[PromptCache] = None) -> Row:
+        """Queue a row for `request` (its prompt read after the prompt cache's
+        conversation, if any). Checks what only the loaded pair knows: the ids against the
+        vocabulary, the positions against the context."""
+        check_vocabulary(request.prompt, self.pair.target.vocab_size)
         if prompt_cache is not None and prompt_cache.busy:
             raise ValueError("this prompt cache is in use by another generation")
-        needed = (len(prompt_cache.tokens) if prompt_cache is not None else 0) + len(prompt)
+        needed = (len(prompt_cache.tokens) if prompt_cache is not None else 0) + len(request.prompt)
         context = self.pair.target.max_positions
         if context and needed >= context:
             raise ValueError(f"the prompt needs {needed} positions but the target's context is {context}")
         # A row ends at the target's context (mlx-lm would go on, past trained positions).
         room = context - needed if context else sys.maxsize
-        at_context = max_tokens == NO_LIMIT or room < max_tokens
-        max_tokens = room if at_context else max_tokens
+        at_context = request.max_tokens == NO_LIMIT or room < request.max_tokens
+        max_tokens = room if at_context else request.max_tokens
         key = None
-        if not params.greedy:
-            key = mx.random.key(seed if seed is not None else mx.random.randint(0, 2**31 - 1).item())
-        proposer = self.pair.proposer
-        tokenizer = self.pair.tokenizer
-        row = Row(
-            prompt,
-            prompt_cache,
-            params,
-            key,
-            max_tokens,
-            frozenset(self.pair.eos_ids if stop_ids is None else stop_ids),
-            draft_tokens,
-            proposer.new_state() if proposer is not None else None,
-            tokenizer.detokenizer if tokenizer is not None else None,
-            at_context,
-        )
+        if not request.params.greedy:
+            seed = request.seed if request.seed is not None else mx.random.randint(0, 2**31 - 1).item()
+            key = mx.random.key(seed)
+        stop_ids = self.pair.eos_ids if request.stop_ids is None else request.stop_ids
+        state = self.proposer.new_state() if self.proposer is not None else None
+        row = Row(request, prompt_cache, key, max_tokens, at_context, stop_ids, state,
+                  RowText(self.pair.tokenizer, stop_ids, request.stop))
         row.conversation.busy = True
         self.waiting.append(row)
         return row
@@ -235,8 +109,8 @@ class Engine:
     def step(self) -> List[Update]:
         """One round for the live rows, then up to PREFILL_STEP prompt ids of waiting rows."""
         updates = []
-        if not self.rows and self.pair.stale_costs:  # no stream under way: this pause delays first tokens only
-            self.pair.remeasure_stale_costs()
+        if not self.rows and self.costs.stale:  # no stream under way: this pause delays first tokens only
+            self.costs.remeasure_stale()
         if self.rows:
             updates += self._round()
         tic = time.perf_counter()
@@ -367,11 +241,11 @@ class Engine:
         rows = self.rows
         counts, costs = self._draft_counts(rows)
         started = time.perf_counter()
-        results = run_round(self.pair.target, self.pair.proposer, rows, self.cache, counts,
+        results = run_round(self.pair.target, self.proposer, rows, self.cache, counts,
                             [r.remaining for r in rows], self.interrupt.is_set())
         if costs is not None:  # K came from the measured costs: check them against this round
             drafter = any(r.source == "mtp" for r in results)
-            self.pair.observe_round(costs, max(counts), drafter, time.perf_counter() - started)
+            self.costs.observe_round(costs, max(counts), drafter, time.perf_counter() - started)
         updates = []
         for row, result in zip(rows, results):
             text = row.commit(result.committed, result.carry, result.interrupted)
@@ -391,33 +265,14 @@ class Engine:
         """Per row, drafts this round: its fixed K, or for the others one K chosen from the
         measured costs of a forward over these rows and their live acceptance; and those
         costs (None if no row's K came from them)."""
-        pair = self.pair
-        if pair.proposer is None:
+        if self.proposer is None:
             return [0] * len(rows), None
-        auto = [r for r in rows if r.draft_tokens is None] if pair.default_draft_tokens > 0 else []
+        k_max = self.pair.default_draft_tokens
+        auto = [r for r in rows if r.draft_tokens is None] if k_max > 0 else []
         k_auto, costs = 0, None
         if auto:
-            sources = [pair.proposer.next_source(r.state, r.tokens) for r in auto]
-            costs = pair.draft_costs(len(rows))
-            k_auto = choose_k(costs, [r.stats for r in auto], sources, pair.default_draft_tokens)
+            sources = [self.proposer.next_source(r.state, r.tokens) for r in auto]
+            costs = self.costs.for_rows(len(rows))
+            k_auto = choose_k(costs, [r.stats for r in auto], sources, k_max)
         counts = [min(k_auto if r.draft_tokens is None else r.draft_tokens, r.remaining - 1) for r in rows]
         return counts, costs
-
-
-def is_int(x) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)
-
-
-def check_token_ids(ids, vocab_size: int) -> List[int]:
-    """Prompt ids as Python ints, each checked against the vocabulary (MLX does not
-    bounds-check an embedding lookup: an id past it reads or crashes out of bounds)."""
-    out = []
-    for t in ids:
-        if not is_int(t):
-            raise ValueError(f"token ids must be integers, got {t!r}")
-        if not 0 <= t < vocab_size:
-            raise ValueError(f"token id {t} is outside the vocabulary (0..{vocab_size - 1})")
-        out.append(int(t))
-    if not out:
-        raise ValueError("the prompt is empty")
-    return out

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from .proposers import DraftContext, Proposer
 from .sampling import Proposal, accept
-from .target import Target
+from ..models.target import Target
 
 
 @dataclass

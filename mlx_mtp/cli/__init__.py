@@ -5,6 +5,7 @@ traceback instead. Flags follow mlx-lm's where it has them.
 """
 
 import functools
+from dataclasses import replace
 import json
 import os
 import signal
@@ -26,14 +27,21 @@ from rich.table import Table
 
 import mlx_mtp
 
-from . import blas, pipeline, registry
-from .bench import benchmark, load_prompts, plan, report
-from .cache import MAX_DRAFT_TOKENS
-from .engine import NO_LIMIT
-from .chat import Conversation, apply_template, render
-from .generate import PROPOSERS, Pair, Stats, batch_generate
-from .registry import DIALOGUE, TEMPLATE
-from .sampling import SamplingParams
+from ..models import blas
+
+from ..models import pipeline
+
+from ..checkpoints import registry
+from ..bench.runner import benchmark, load_prompts, plan, report
+from ..api import batch_generate
+from ..checkpoints.pair import Pair
+from ..checkpoints.registry import DIALOGUE, TEMPLATE
+from ..conversation import Conversation, apply_template, render
+from ..decoding.proposers import PROPOSERS, make_proposer
+from ..decoding.sampling import SamplingParams
+from ..engine.stats import Stats
+from ..models.cache import MAX_DRAFT_TOKENS
+from ..request import GenerationRequest
 
 COMMANDS = "/reset  /stats  /system TEXT  /exit"
 
@@ -126,18 +134,22 @@ Proposer = Annotated[
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More statistics; tracebacks on errors.")]
 
 
-def check_flags(max_tokens: int, temperatures: List[float], top_p: float, top_k: int, min_p: float, ks: List[int]):
-    """Bad flag values fail before any model is loaded (or downloaded)."""
-    if max_tokens < 1 and max_tokens != NO_LIMIT:
-        fail(f"--max-tokens must be >= 1, or -1 for no limit, got {max_tokens}")
-    for k in ks:
-        if not 0 <= k <= MAX_DRAFT_TOKENS:
-            fail(f"--draft-tokens must be in 0..{MAX_DRAFT_TOKENS}, got {k}")
-    for t in temperatures:
-        try:
-            SamplingParams(t, top_p, top_k, min_p)
-        except ValueError as e:
-            fail(str(e))
+FLAGS = {"max_tokens": "--max-tokens", "num_draft_tokens": "--draft-tokens", "seed": "--seed"}
+
+
+def request_from_flags(max_tokens: int, temp: float, top_p: float, top_k: int, min_p: float,
+                       seed: Optional[int] = None, draft_tokens: Optional[int] = None) -> GenerationRequest:
+    """The flags as one request (its prompt comes later): bad values fail before any model
+    is loaded (or downloaded), named as the flag that gave them."""
+    try:
+        return GenerationRequest((), SamplingParams(temp, top_p, top_k, min_p), max_tokens, seed, draft_tokens)
+    except ValueError as e:
+        message = str(e)
+        for name, flag in FLAGS.items():  # (typer has checked that the flag is an integer)
+            message = message.replace(f"{name} must be an integer ", f"{flag} must be ")
+            if message.startswith(name + " "):
+                message = flag + message[len(name):]
+        fail(message)
 
 
 def check_proposers(names: List[str]):
@@ -148,8 +160,8 @@ def check_proposers(names: List[str]):
             fail(f"--proposer must be one of {', '.join(PROPOSERS)}, got {name!r}")
 
 
-def load_pair(model: Optional[str], target: Optional[str], drafter: Optional[str], verbose: bool,
-              proposer: str = "hybrid") -> Pair:
+def pair_from_flags(model: Optional[str], target: Optional[str], drafter: Optional[str], verbose: bool,
+                    proposer: str = "hybrid") -> Pair:
     """The pair named by -m, by --target/--drafter, or the default pair, drafting with `proposer`."""
     if target is None:
         if drafter is not None:
@@ -167,7 +179,7 @@ def load_pair(model: Optional[str], target: Optional[str], drafter: Optional[str
         args = (target, drafter)
     tic = time.perf_counter()
     pair = mlx_mtp.load(*args)
-    pair.use_proposer(proposer)  # ValueError: no drafter for "mtp"
+    make_proposer(proposer, pair.target, pair.drafter, pair.drafter_on_rank_0)  # ValueError: no drafter for "mtp"
     if verbose:
         status(
             f"loaded {pair.name or target} in {time.perf_counter() - tic:.1f} s: "
@@ -225,18 +237,6 @@ def sources(by_source: dict) -> str:
     return ", ".join(f"{s} {e['acceptance']:.2f} ({e['rounds']} rounds)" for s, e in by_source.items())
 
 
-def generation_kwargs(max_tokens, temp, top_p, top_k, min_p, seed, draft_tokens, no_draft) -> dict:
-    return {
-        "max_tokens": max_tokens,
-        "temperature": temp,
-        "top_p": top_p,
-        "top_k": top_k,
-        "min_p": min_p,
-        "seed": seed,
-        "num_draft_tokens": 0 if no_draft else draft_tokens,
-    }
-
-
 @app.command()
 @one_line_errors
 def generate(
@@ -267,7 +267,7 @@ def generate(
     verbose: Verbose = False,
 ):
     """Complete one prompt, streaming the text as it is committed; or a file of prompts in batches."""
-    check_flags(max_tokens, [temp], top_p, top_k, min_p, [draft_tokens or 0])
+    request = request_from_flags(max_tokens, temp, top_p, top_k, min_p, seed, 0 if no_draft else draft_tokens)
     if (prompt is None) == (prompts_file is None):
         fail("give either a PROMPT (- for stdin) or --prompts-file")
     if batch is not None and (prompts_file is None or batch < 1):
@@ -276,15 +276,15 @@ def generate(
     if not prompts[0]:
         fail("the prompt is empty")
     check_proposers([proposer])
-    pair = load_pair(model, target, drafter, verbose, proposer)
+    pair = pair_from_flags(model, target, drafter, verbose, proposer)
     if chat:
         prompts = [apply_template(pair, [{"role": "user", "content": p}]) for p in prompts]
-    kwargs = generation_kwargs(max_tokens, temp, top_p, top_k, min_p, seed, draft_tokens, no_draft)
+    kwargs = {"request": request, "proposer": proposer}
     name = pair.name or target
 
     if prompts_file:
         # Continuous batching: `--batch` rows at a time, the next prompt joining as one ends.
-        results = batch_generate(pair, prompts, max_batch=batch or 1, **kwargs)
+        results = batch_generate(pair, prompts, max_batch=batch or 1, seed=seed, **kwargs)
         for i, r in enumerate(results):
             if json_:
                 row = {"prompt": i, "model": name, "text": r.text, "tokens": r.tokens, "distributed": pair.distributed}
@@ -391,12 +391,12 @@ def chat(
     """Multi-turn chat in the terminal; each turn reuses the prompt cache of the earlier ones."""
     if model_name and model:
         fail("give the model once, as MODEL or --model")
-    check_flags(max_tokens, [temp], top_p, top_k, min_p, [draft_tokens or 0])
+    request = request_from_flags(max_tokens, temp, top_p, top_k, min_p, seed, 0 if no_draft else draft_tokens)
     check_proposers([proposer])
-    pair = load_pair(model_name or model, target, drafter, verbose, proposer)
+    pair = pair_from_flags(model_name or model, target, drafter, verbose, proposer)
     conversation = Conversation(pair)
     render(pair, [{"role": "user", "content": "hi"}])  # no chat template: fail now, not at turn 1
-    kwargs = generation_kwargs(max_tokens, temp, top_p, top_k, min_p, seed, draft_tokens, no_draft)
+    kwargs = {"request": request, "proposer": proposer}
     console = Console(highlight=False, soft_wrap=True)
     for line in banner(pair, target):
         console.print(line, style="dim", markup=False)
@@ -427,7 +427,7 @@ def chat(
                 stream_reply(conversation, line, console, verbose, **kwargs)
             except ValueError as e:  # e.g. the context is full: the conversation goes on
                 console.print(f"error: {e} (/reset starts a new conversation)", style="red", markup=False)
-            kwargs["seed"] = None  # seed once per session, not every turn
+            kwargs["request"] = replace(request, seed=None)  # seed once per session, not every turn
 
 
 def parse_list(value: Optional[str], kind, flag: str) -> list:
@@ -477,7 +477,9 @@ def bench(
     ks = parse_list(draft_tokens, lambda v: None if v.strip() == "auto" else int(v), "--draft-tokens")
     batches = parse_list(batch, int, "--batch")
     proposers = parse_list(proposer, str.strip, "--proposer")
-    check_flags(max_tokens, temperatures, top_p, top_k, min_p, [k for k in ks if k is not None])
+    for t in temperatures:
+        for k in ks or [None]:
+            request_from_flags(max_tokens, t, top_p, top_k, min_p, draft_tokens=k)
     check_proposers(proposers)
     if max_tokens < 1:  # both libraries must stop at the same length to be compared
         fail(f"bench needs --max-tokens >= 1, got {max_tokens}")
@@ -491,7 +493,7 @@ def bench(
         fail("bench compares with plain mlx-lm in one process: run it without mlx.launch "
              "(generate --json gives a sharded run's speed)")
     prompt_sets = load_prompts(prompts)
-    pair = load_pair(model, target, drafter, verbose)
+    pair = pair_from_flags(model, target, drafter, verbose)
     if pair.drafter is None:
         fail("bench compares against a drafter: pass --drafter with --target")
     # A base target echoes templated prompts (and the lookup copies the echo): it continues
@@ -613,14 +615,14 @@ def serve(
     verbose: Verbose = False,
 ):
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
-    from .server import serve as run_server
+    from ..serve.app import serve as run_server
 
     k = None if draft_tokens == "auto" else int(draft_tokens) if draft_tokens.isdigit() else -1
     if k is not None and not 0 <= k <= MAX_DRAFT_TOKENS:
         fail(f"--draft-tokens must be auto or in 0..{MAX_DRAFT_TOKENS}, got {draft_tokens!r}")
     if max_batch < 1 or max_queue < 0 or cache_mb < 0 or not 0 < port < 65536:
         fail("--max-batch must be >= 1, --max-queue and --cache-mb >= 0, --port in 1..65535")
-    pair = load_pair(model, target, drafter, verbose)
+    pair = pair_from_flags(model, target, drafter, verbose)
     name = pair.name or target
     ready = lambda: status(f"serving {name} at http://{host}:{port}/v1 (max batch {max_batch}); Ctrl-C stops")
     try:

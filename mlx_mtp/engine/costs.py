@@ -1,7 +1,7 @@
 """Choosing the draft length K from measured costs and live acceptance.
 
 On a GPU one target forward over K + 1 tokens costs about what one token costs; on a CPU it
-does not (see EMBEDDED.md). With T(n) the measured cost of a target forward over n new
+does not (docs/performance.md). With T(n) the measured cost of a target forward over n new
 tokens, D one drafter step and a_i the live conditional acceptance of draft position i,
 a round of K drafts commits E(K) = 1 + a_1 + a_1 a_2 + ... tokens for T(K + 1) + K D, and
 the loop picks the K (0 included: plain decoding) with the most tokens per second.
@@ -10,13 +10,16 @@ the loop picks the K (0 included: plain decoding) with the most tokens per secon
 import json
 import statistics
 import time
+import weakref
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from .paths import cache_home
+from ..checkpoints.paths import cache_home
+from ..decoding.proposers import DraftContext, MTPProposer
+from ..decoding.sampling import SamplingParams
 
 WINDOW = 32  # recent rounds that inform the acceptance estimate
 PRIOR = 4.0  # weight (in rounds) of the prior on each conditional acceptance: a few unlucky
@@ -75,8 +78,8 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
     """Time target forwards of `rows` rows over 1..k_max + 1 tokens and one drafter step,
     on a scratch cache holding about `context` positions per row (rows at different
     positions, as in a live batch)."""
-    from .proposers import DraftContext
-    from .sampling import SamplingParams
+    from ..decoding.proposers import DraftContext
+    from ..decoding.sampling import SamplingParams
 
     target = pair.target
     cache = target.make_cache(rows)
@@ -115,7 +118,8 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
         history = [[7] * (p + 1) for p in positions]
         ctx = DraftContext(mx.array([7] * rows), carry, position, target.shared_kv(cache), history,
                            [SamplingParams()] * rows)
-        draft = fastest_time(lambda: mx.eval(pair.mtp.propose(ctx, 1).tokens))
+        drafter = MTPProposer(pair.drafter, target)
+        draft = fastest_time(lambda: mx.eval(drafter.propose(ctx, 1).tokens))
     return Costs(costs, draft, plain)
 
 
@@ -155,6 +159,59 @@ def load_or_measure(pair, k_max: int, rows: int = 1, refresh: bool = False) -> C
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(known, indent=1))
     return costs
+
+
+class CostModel:
+    """What rounds cost on this machine for one loaded pair, for choosing K: measured costs
+    per row count (remembered on disk), and live round times that mark them stale. Costs
+    describe the machine and the shapes, not a generation, so every engine on a pair shares
+    its one model (`CostModel.of`); only an engine reads or updates it."""
+
+    _by_pair = weakref.WeakKeyDictionary()
+
+    def __init__(self, pair):
+        self.pair = pair
+        self.measured: Dict[int, Costs] = {}  # rows (a power of two) -> Costs
+        self.stale: set = set()  # row counts to measure again
+        self.round_times = RoundTimes()
+
+    @classmethod
+    def of(cls, pair) -> "CostModel":
+        if pair not in cls._by_pair:
+            cls._by_pair[pair] = cls(pair)
+        return cls._by_pair[pair]
+
+    def for_rows(self, rows: int = 1) -> Costs:
+        """Costs of target forwards over `rows` rows and of drafter steps: measured once
+        per pair at powers of two, interpolated between them."""
+
+        def measured(b: int) -> Costs:
+            if b not in self.measured:
+                self.measured[b] = load_or_measure(self.pair, self.pair.default_draft_tokens, b, b in self.stale)
+                self.stale.discard(b)
+            return self.measured[b]
+
+        return interpolate_costs(measured, rows)
+
+    def observe_round(self, costs: Costs, k: int, drafter: bool, seconds: float):
+        """A round whose K was chosen from `costs` drafted k tokens (with drafter steps or
+        not) and took `seconds`: when recent rounds disagree with the costs, they are marked
+        to be measured again by `remeasure_stale`."""
+        if k >= len(costs.target) or self.pair.target.pipeline is not None:
+            # (a row's fixed K past what was measured; or a pipeline: ranks would have to
+            # agree on each round's time, one more exchange per round)
+            return
+        if self.round_times.disagree(seconds, costs.target[k] + drafter * k * costs.draft_step):
+            self.stale |= set(self.measured)
+
+    def remeasure_stale(self):
+        """Measure again the costs that live rounds disagreed with. A measurement takes a
+        few dozen forwards, so the engine calls this only when no row of it is streaming
+        (before first tokens), never between two tokens of a stream; until then the old
+        costs serve."""
+        for b in sorted(self.stale):
+            self.measured.pop(b, None)
+            self.for_rows(b)
 
 
 def interpolate_costs(measured, rows: int) -> Costs:

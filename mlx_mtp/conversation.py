@@ -17,8 +17,11 @@ was cut short.
 from dataclasses import replace
 from typing import Iterator, List, Optional
 
-from .generate import GenerationResponse, Pair, Stats, make_prompt_cache, stream_generate
-from .registry import DIALOGUE
+from .api import GenerationResponse, make_prompt_cache, stream_generate
+from .checkpoints.pair import Pair
+from .checkpoints.registry import DIALOGUE
+from .engine.stats import Stats
+from .request import GenerationRequest
 
 MARKER = "MLX_MTP_LAST_REPLY"
 
@@ -76,27 +79,6 @@ def stop_strings(pair: Pair) -> List[str]:
     return list(DIALOGUE_STOPS) if pair.chat == DIALOGUE else []
 
 
-class StopText:
-    """Cuts the text at the first stop string, holding back what may begin one."""
-
-    def __init__(self, stops: List[str]):
-        self.stops = stops
-        self.pending = ""
-
-    def feed(self, text: str, final: bool):
-        """-> (text safe to emit now, whether a stop string was found)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = 0 if final else max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])),
-                                   default=0)
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
-        return out, False
-
-
 class Conversation:
     def __init__(self, pair: Pair, system: Optional[str] = None):
         self.pair = pair
@@ -131,7 +113,7 @@ class Conversation:
             new = new[len(self.eos) :]  # the reply ended with the template's own end of turn
         return self.unfed + new
 
-    def reply(self, user: str, **kwargs) -> Iterator[GenerationResponse]:
+    def reply(self, user: str, request: Optional[GenerationRequest] = None, **kwargs) -> Iterator[GenerationResponse]:
         """Stream the reply to `user`; same keyword arguments as `stream_generate`.
 
         Closing the generator early (after any chunk) keeps the reply so far, in the
@@ -140,19 +122,18 @@ class Conversation:
         """
         messages = self.messages + [{"role": "user", "content": user}]
         new = self._new_text(messages)
-        stop = StopText(self.stops)
         shown, tokens, last = [], [], None
+        # A base model's reply ends where it begins the next turn (a stop string).
+        if request is not None:
+            kwargs["request"] = replace(request, stop=request.stop + tuple(self.stops))
+        elif self.stops:
+            kwargs["stop"] = self.stops
         stream = stream_generate(self.pair, new, prompt_cache=self.cache, **kwargs)
         try:
             for last in stream:
                 tokens += last.tokens
-                text, hit = stop.feed(last.text, final=last.finish_reason is not None)
-                shown.append(text)
-                if hit:  # the model began the next turn: the reply ends here
-                    last = replace(last, finish_reason="stop")
-                yield replace(last, text=text)
-                if hit:
-                    break
+                shown.append(last.text)
+                yield last
         finally:
             stream.close()  # the row ends and hands the cache back
             if last is not None:  # the prompt and at least one token were committed

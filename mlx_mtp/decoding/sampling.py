@@ -4,6 +4,7 @@ exact acceptance rules (greedy, and speculative sampling after Leviathan et al. 
 All functions are lazy MLX graphs over rows [B]; the round evaluates them once.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -30,6 +31,10 @@ class SamplingParams:
         if not all(callable(f) for f in processors):
             raise ValueError("logits_processors must be callables (tokens, logits) -> logits")
         object.__setattr__(self, "logits_processors", processors)
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 <= self.top_p <= 1:

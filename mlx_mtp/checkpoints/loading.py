@@ -13,9 +13,9 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .drafter import Drafter, ModelArgs as DrafterArgs
-from .pipeline import Pipeline, weight_bytes
-from .target import FULL, SLIDING, Target
+from ..models.drafter import Drafter, ModelArgs as DrafterArgs
+from ..models.pipeline import Pipeline, weight_bytes
+from ..models.target import FULL, SLIDING, Target
 
 TARGET_TYPES = ("gemma4", "gemma4_text", "gemma3_text")
 
@@ -172,7 +172,7 @@ def check_pair(target: Target, drafter: Drafter):
             raise LoadError(f"drafter {kind} head_dim {mine.head_dim} does not match target head_dim {own.head_dim}")
 
 
-def load_pair(target_path: str, drafter_path: Optional[str], pipeline: Optional[Pipeline] = None):
+def load_models(target_path: str, drafter_path: Optional[str], pipeline: Optional[Pipeline] = None):
     """(target, drafter, tokenizer, eos ids). In a pipeline, the drafter is loaded on rank 0
     only, next to the layers whose KV it reads."""
     target, tokenizer, eos = load_target(resolve(target_path), pipeline, drafter_path is not None)

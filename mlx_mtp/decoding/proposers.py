@@ -9,10 +9,10 @@ from typing import List, Optional, Protocol
 
 import mlx.core as mx
 
-from .cache import MAX_DRAFT_TOKENS
-from .drafter import Drafter
+from ..models.cache import MAX_DRAFT_TOKENS
+from ..models.drafter import Drafter
+from ..models.target import Target
 from .sampling import Proposal, SamplingParams, group_rows, log_probs, process_logits, regroup, sample_candidates
-from .target import Target
 
 
 @dataclass
@@ -273,3 +273,24 @@ def _overlay(proposal: Proposal, lookups, vocab_size: int) -> Proposal:
         mx.where(use[..., None], logprobs, proposal.q_logprobs),
         mx.where(use[..., None], ids, proposal.q_ids),
     )
+
+
+PROPOSERS = ("hybrid", "mtp", "ngram")
+
+
+def make_proposer(name: str, target: Target, drafter: Optional[Drafter], drafter_on_rank_0: bool = False):
+    """Who drafts: "hybrid" (the n-gram lookup where the context repeats itself, the
+    drafter elsewhere; the lookup alone without a drafter), "mtp" (the drafter alone) or
+    "ngram" (the lookup alone). A pipeline rank without the drafter takes rank 0's drafts."""
+    if name not in PROPOSERS:
+        raise ValueError(f"unknown proposer {name!r} (known: {', '.join(PROPOSERS)})")
+    mtp = None
+    if drafter is not None:
+        mtp = MTPProposer(drafter, target)
+    elif drafter_on_rank_0:
+        mtp = DraftsFromRankZero(target.vocab_size)
+    if name == "mtp" and mtp is None:
+        raise ValueError("the proposer 'mtp' needs a drafter, and this pair has none")
+    if name == "hybrid" and mtp is not None:
+        return HybridProposer(mtp)
+    return mtp if name == "mtp" else NGramProposer()

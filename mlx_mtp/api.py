@@ -1,0 +1,182 @@
+"""Public API: load a pair, then generate or stream_generate, exactly like the target alone.
+
+    pair = mlx_mtp.load("target", "drafter")        # or load(alias)
+    out = mlx_mtp.generate(pair, "Hello", max_tokens=64)
+    for chunk in mlx_mtp.stream_generate(pair, "Hello"): print(chunk.text, end="")
+
+A prompt cache (`make_prompt_cache(pair)`) carries a conversation across calls: each call
+then passes only the new tokens and nothing is read twice. The keyword arguments are
+mlx-lm's; each call turns them into one `GenerationRequest` for the engine.
+"""
+
+import threading
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+from .checkpoints.pair import Pair, load_pair
+from .decoding.proposers import Proposer
+from .decoding.sampling import SamplingParams
+from .engine.rows import PromptCache
+from .engine.scheduler import Engine
+from .engine.stats import BatchStats, Stats
+from .request import GenerationRequest, encode
+
+Prompt = Union[str, List[int]]
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed chunk: the text and ids committed since the previous chunk."""
+
+    text: str
+    tokens: List[int]
+    stats: Stats
+    finish_reason: Optional[str] = None  # "stop" (EOS), "length", "context", "interrupted", or None while running
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: List[int]  # generated ids only (with the EOS that ended it, as mlx-lm yields it)
+    stats: Stats
+    finish_reason: Optional[str]
+
+
+def load(target: str, drafter: Optional[str] = None) -> Pair:
+    """Load a pair from paths or Hugging Face repo ids, or a models.toml alias."""
+    return load_pair(target, drafter)
+
+
+def make_prompt_cache(pair: Pair) -> PromptCache:
+    """A conversation state to pass to successive generate calls."""
+    return PromptCache()
+
+
+def make_request(
+    pair: Pair,
+    prompt: Prompt,
+    first: bool = True,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    num_draft_tokens: Optional[int] = None,
+    seed: Optional[int] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    stop: Sequence[str] = (),
+) -> GenerationRequest:
+    """mlx-lm's keyword arguments as one request (`first`: a conversation's first turn,
+    which gets BOS)."""
+    params = SamplingParams(temperature, top_p, top_k, min_p, logits_processors)
+    return GenerationRequest(encode(pair.tokenizer, prompt, first), params, max_tokens, seed, num_draft_tokens, stop)
+
+
+def _request(pair: Pair, prompt: Prompt, first: bool, request: Optional[GenerationRequest], kwargs: dict):
+    """The request of one call: from keyword settings, or a given request's settings."""
+    if request is None:
+        return make_request(pair, prompt, first, **kwargs)
+    if kwargs:
+        raise ValueError(f"give the settings as a request or as keywords, not both (got {', '.join(kwargs)})")
+    return request.with_prompt(encode(pair.tokenizer, prompt, first))
+
+
+def stream_generate(
+    pair: Pair,
+    prompt: Prompt,
+    prompt_cache: Optional[PromptCache] = None,
+    interrupt: Optional[threading.Event] = None,
+    proposer: Union[str, Proposer] = "hybrid",
+    request: Optional[GenerationRequest] = None,
+    **kwargs,
+) -> Iterator[GenerationResponse]:
+    """Yield committed text round by round; the last chunk has a finish_reason ("stop": a
+    stop id or stop string, "length": max_tokens, "context": the end of the target's context).
+
+    max_tokens: -1 for no limit (until a stop id or the end of the context), as in mlx-lm.
+    temperature, top_p, top_k, min_p, logits_processors: as mlx-lm's `make_sampler` and
+    `logits_processors` (see `SamplingParams`).
+    num_draft_tokens: K drafts every round (0: plain decoding), or None to choose K each
+    round from the pair's measured costs and the live acceptance, up to its default.
+    seed: this generation's own random key (None: drawn from MLX's global stream).
+    stop: strings that end the generation (not part of its text).
+    proposer: who drafts, "hybrid" (default), "mtp" (the drafter alone) or "ngram".
+    Stopping early (closing the generator, Ctrl-C, an exception) keeps what was committed
+    in `prompt_cache`. interrupt: an event that, once set, ends the generation after the
+    round under way (finish_reason "interrupted"); in a pipeline, the way to stop early.
+    request: a `GenerationRequest` whose settings to use instead of the keywords (its
+    prompt is replaced by `prompt`).
+    """
+    request = _request(pair, prompt, prompt_cache is None or not prompt_cache.tokens, request, kwargs)
+    engine = Engine(pair, max_batch=1, proposer=proposer)
+    if interrupt is not None:
+        if not callable(getattr(interrupt, "is_set", None)):
+            raise ValueError(f"interrupt must be a threading.Event, got {type(interrupt).__name__}")
+        engine.interrupt = interrupt
+    row = engine.add(request, prompt_cache)
+    try:
+        while engine.busy:
+            for update in engine.step():
+                yield GenerationResponse(update.text, update.tokens, row.stats, update.finish_reason)
+    finally:
+        engine.remove(row)
+
+
+def generate(pair: Pair, prompt: Prompt, **kwargs) -> GenerationResult:
+    """Run `stream_generate` to the end; same keyword arguments."""
+    text, tokens = [], []
+    for response in stream_generate(pair, prompt, **kwargs):
+        text.append(response.text)
+        tokens += response.tokens
+    return GenerationResult("".join(text), tokens, response.stats, response.finish_reason)
+
+
+class BatchResults(list):
+    """One `GenerationResult` per prompt, in order, plus `stats` for the batch."""
+
+    def __init__(self, results, stats: BatchStats):
+        super().__init__(results)
+        self.stats = stats
+
+
+def batch_generate(
+    pair: Pair,
+    prompts: List[Prompt],
+    seed: Union[None, int, List[Optional[int]]] = None,
+    prompt_caches: Optional[List[Optional[PromptCache]]] = None,
+    max_batch: Optional[int] = None,
+    proposer: Union[str, Proposer] = "hybrid",
+    request: Optional[GenerationRequest] = None,
+    **kwargs,
+) -> BatchResults:
+    """Generate for every prompt; row i gives what `generate` gives for prompt i alone.
+
+    Same settings as `generate`, for every row. seed: one per row, or an int s (row i is
+    seeded s + i); at a fixed num_draft_tokens, row i equals `generate(prompt_i,
+    seed=s_i)`. prompt_caches: per row a conversation to continue (or None). max_batch:
+    rows decoded at once (default: all); the others join as rows finish.
+    """
+    if not prompts:
+        raise ValueError("no prompts given")
+    seeds = seed if isinstance(seed, (list, tuple)) else [None if seed is None else seed + i for i in range(len(prompts))]
+    caches = prompt_caches or [None] * len(prompts)
+    if len(seeds) != len(prompts) or len(caches) != len(prompts):
+        raise ValueError("seed and prompt_caches need one entry per prompt")
+    requests = []
+    for prompt, s, cache in zip(prompts, seeds, caches):
+        one = _request(pair, prompt, cache is None or not cache.tokens, request, kwargs)
+        requests.append(replace(one, seed=s) if request is None or s is not None else one)
+    engine = Engine(pair, max_batch=len(prompts) if max_batch is None else max_batch, proposer=proposer)
+    rows = []
+    try:
+        for request, cache in zip(requests, caches):
+            rows.append(engine.add(request, cache))
+        text = {id(row): [] for row in rows}
+        while engine.busy:
+            for update in engine.step():
+                text[id(update.row)].append(update.text)
+    finally:
+        for row in rows:
+            engine.remove(row)
+    results = [GenerationResult("".join(text[id(r)]), r.generated, r.stats, r.finish_reason) for r in rows]
+    return BatchResults(results, engine.stats)

@@ -1,0 +1,120 @@
+"""A row (one sequence in the engine) and a prompt cache (a conversation between rows)."""
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import mlx.core as mx
+
+from ..request import GenerationRequest, RowText
+from .stats import Stats
+
+
+@dataclass
+class PromptCache:
+    """A conversation between calls: its committed ids, the hidden state that produced the
+    newest, and the target cache of every committed position but the newest. A row starting
+    from it reads only new ids, and hands it back updated when it ends (also when stopped
+    early or by an exception: then with what was committed until then)."""
+
+    cache: Optional[list] = None  # per cached layer: a one-row BatchCache
+    tokens: List[int] = field(default_factory=list)
+    carry: Optional[mx.array] = None  # [1, 1, H]
+    busy: bool = False  # lent to a live row
+
+    @property
+    def cached(self) -> int:
+        """Number of positions in the target cache."""
+        return max(len(self.tokens) - 1, 0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cache or [])
+
+    def rewind(self, n: int) -> bool:
+        """Keep only the first n >= 1 committed ids, if the caches still hold what those
+        need; False (and nothing changed) otherwise. The next row reads at least one id,
+        which gives it the hidden state it continues from."""
+        if not 1 <= n <= len(self.tokens) or self.busy:
+            return False
+        position = n - 1  # of the newest kept id, which has no KV yet
+        if not all(c.can_rewind(position) for c in self.cache or []):
+            return False
+        for c in self.cache or []:
+            c.rewind(position)
+        if n < len(self.tokens):
+            self.tokens, self.carry = self.tokens[:n], None
+        return True
+
+
+@dataclass
+class Update:
+    """What one step committed for one row."""
+
+    row: "Row"
+    tokens: List[int]
+    text: str
+    finish_reason: Optional[str]  # "stop", "length", "context", "interrupted", or None while the row goes on
+
+
+class Row:
+    """One sequence: its request, its committed ids and the hidden state that produced the
+    newest, its random key, proposer state, stats and text."""
+
+    def __init__(self, request: GenerationRequest, conversation: Optional[PromptCache], key: Optional[mx.array],
+                 max_tokens: int, at_context: bool, stop_ids: frozenset, state, text: RowText):
+        self.request = request
+        self.prompt = list(request.prompt)  # ids to read after the conversation's
+        self.params = request.params
+        self.draft_tokens = request.draft_tokens  # fixed K, or None: chosen per round
+        self.stop_ids = stop_ids  # the request's, or the pair's EOS ids
+        self.keeps_conversation = conversation is not None  # else nobody reads it at the end
+        conversation = conversation if conversation is not None else PromptCache()
+        self.conversation = conversation
+        self.tokens = list(conversation.tokens)  # committed ids; tokens[-1] has no KV yet
+        self.carry = conversation.carry  # [1, 1, H] hidden state that produced tokens[-1]
+        self.cache = [c.copy() for c in conversation.cache] if conversation.cache else None  # while reading
+        self.read = 0  # prompt ids read so far
+        self.key = key  # None for greedy rows
+        self.max_tokens = max_tokens  # the request's, or what the context leaves
+        self.at_context = at_context
+        self.state = state  # the proposer's state for this row
+        self.text = text
+        self.generated: List[int] = []
+        self.stats = Stats(prompt_tokens=len(self.prompt))
+        self.finish_reason: Optional[str] = None
+        self.started = 0.0  # when the first token was committed
+
+    @property
+    def position(self) -> int:
+        """Position of the newest committed token (the next one the target reads)."""
+        return len(self.tokens) - 1
+
+    @property
+    def remaining(self) -> int:
+        return self.max_tokens - len(self.generated)
+
+    def round_keys(self) -> Optional[mx.array]:
+        """[3, 2]: keys of this round's drafts, accept draws and last token (None: greedy)."""
+        return None if self.key is None else mx.random.split(self.key, 4)[1:]
+
+    def commit(self, tokens: List[int], carry: mx.array, interrupted: bool = False) -> str:
+        """Commit ids; returns their text (held back: partial characters, and what may
+        begin a stop string; a stop string ends the row)."""
+        if self.key is not None:
+            self.key = mx.random.split(self.key, 4)[0]
+        self.tokens += tokens
+        self.generated += tokens
+        self.carry = carry
+        self.stats.generation_tokens += len(tokens)
+        if tokens[-1] in self.stop_ids:
+            self.finish_reason = "stop"
+        elif self.remaining <= 0:
+            self.finish_reason = "context" if self.at_context else "length"
+        elif interrupted:
+            self.finish_reason = "interrupted"
+        self.stats.generation_time = time.perf_counter() - self.started
+        text, stopped = self.text.add(tokens, final=self.finish_reason is not None)
+        if stopped:
+            self.finish_reason = "stop"
+        return text

@@ -1,0 +1,148 @@
+"""What one generation asks for, checked once where it is built, and how its text comes out.
+
+A `GenerationRequest` is the only thing the engine takes: the CLI, the server and the
+public functions each build one from their own inputs (flags, a JSON body, keyword
+arguments). Its own fields are checked by its constructor; what only a loaded model knows
+(the vocabulary, the context) the engine checks when the request joins.
+"""
+
+import math
+from dataclasses import dataclass, replace
+from numbers import Integral, Real
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .decoding.sampling import SamplingParams
+from .models.cache import MAX_DRAFT_TOKENS
+
+NO_LIMIT = -1  # max_tokens as in mlx-lm: until a stop id or the end of the context
+
+
+def is_int(x) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def check_finite(name: str, value) -> None:
+    """A number that NaN or infinity would turn into garbage tokens is refused."""
+    if isinstance(value, Real) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: the ids to read (after a prompt cache's conversation, if any) and
+    everything that decides what follows them.
+
+    max_tokens: most tokens to generate, or -1 (NO_LIMIT): until a stop id or the end of
+    the target's context. seed: the row's own random key (None: drawn from MLX's global
+    stream). draft_tokens: K every round (0: plain decoding), or None to choose K each
+    round from measured costs and the live acceptance. stop: text that ends the
+    generation and is not part of it. stop_ids: ids that end it (None: the pair's EOS)."""
+
+    prompt: Tuple[int, ...] = ()
+    params: SamplingParams = SamplingParams()
+    max_tokens: int = 256
+    seed: Optional[int] = None
+    draft_tokens: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+    stop_ids: Optional[frozenset] = None
+
+    def __post_init__(self):
+        if isinstance(self.prompt, (str, bytes)):
+            raise ValueError("the prompt must be token ids here (encode text first)")
+        object.__setattr__(self, "prompt", tuple(token_ids(self.prompt)))
+        if not is_int(self.max_tokens) or not (self.max_tokens >= 1 or self.max_tokens == NO_LIMIT):
+            raise ValueError(f"max_tokens must be an integer >= 1, or -1 for no limit, got {self.max_tokens!r}")
+        if self.draft_tokens is not None and not (is_int(self.draft_tokens) and 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS):
+            raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {self.draft_tokens!r}")
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in 0..2**64 - 1, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError("stop strings must be non-empty strings")
+        object.__setattr__(self, "stop", stop)
+        if self.stop_ids is not None:
+            object.__setattr__(self, "stop_ids", frozenset(token_ids(self.stop_ids)))
+
+    def with_prompt(self, prompt: Sequence[int]) -> "GenerationRequest":
+        """The same settings for other ids (e.g. flags checked before the model is loaded)."""
+        return replace(self, prompt=tuple(prompt))
+
+
+def token_ids(ids) -> List[int]:
+    """Ids as Python ints (which ids the vocabulary has is the engine's check)."""
+    out = list(ids)
+    if not all(is_int(t) for t in out):
+        bad = next(t for t in out if not is_int(t))
+        raise ValueError(f"token ids must be integers, got {bad!r}")
+    return [int(t) for t in out]
+
+
+def check_vocabulary(ids: Sequence[int], vocab_size: int) -> None:
+    """MLX does not bounds-check an embedding lookup: an id outside the vocabulary reads or
+    crashes out of bounds, so none may reach it."""
+    if not ids:
+        raise ValueError("the prompt is empty")
+    array = np.asarray(ids, dtype=object if max(map(abs, ids)) >= 2**63 else np.int64)
+    outside = np.flatnonzero((array < 0) | (array >= vocab_size))
+    if outside.size:
+        raise ValueError(f"token id {ids[outside[0]]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def encode(tokenizer, prompt: Union[str, Sequence[int]], first: bool = True) -> List[int]:
+    """Token ids of a prompt; strings get BOS only on a conversation's first turn."""
+    if prompt is None:
+        raise ValueError("the prompt must be text or a list of token ids, got None")
+    if not isinstance(prompt, str):
+        return token_ids(prompt)
+    if not prompt:
+        return []
+    if tokenizer is None:
+        raise ValueError("this target has no tokenizer: pass the prompt as a list of token ids")
+    special = first and (tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token))
+    return tokenizer.encode(prompt, add_special_tokens=special)
+
+
+class StopText:
+    """Cuts the text at the first stop string, holding back what may begin one. Text level
+    (not ids): a stop string may span tokens, or be part of one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.pending = ""
+
+    def feed(self, text: str, final: bool):
+        """-> (text safe to emit now, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0 if final else max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])),
+                                   default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+
+class RowText:
+    """A row's committed ids as text: the tokenizer's streaming detokenizer (which holds
+    back partial characters), stop ids left out, cut at the first stop string."""
+
+    def __init__(self, tokenizer, stop_ids: frozenset, stops: Sequence[str]):
+        self.detokenizer = tokenizer.detokenizer if tokenizer is not None else None
+        self.stop_ids = stop_ids
+        self.stop = StopText(stops) if stops else None
+
+    def add(self, tokens: List[int], final: bool) -> Tuple[str, bool]:
+        """-> (the text these ids complete, whether it reached a stop string)."""
+        if self.detokenizer is None:
+            return "", False
+        for t in tokens:
+            if t not in self.stop_ids:
+                self.detokenizer.add_token(t)
+        if final:
+            self.detokenizer.finalize()
+        text = self.detokenizer.last_segment
+        return self.stop.feed(text, final) if self.stop is not None else (text, False)
