@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .checkpoints.loading import LoadError
 from .decoding.sampling import SamplingParams
 from .models.cache import MAX_DRAFT_TOKENS
 
@@ -99,7 +100,7 @@ def encode(tokenizer, prompt: Union[str, Sequence[int]], first: bool = True) -> 
     if not prompt:
         return []
     if tokenizer is None:
-        raise ValueError("this target has no tokenizer: pass the prompt as a list of token ids")
+        raise LoadError("this target has no tokenizer: pass the prompt as a list of token ids")
     special = first and (tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token))
     return tokenizer.encode(prompt, add_special_tokens=special)
 

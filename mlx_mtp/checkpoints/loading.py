@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.utils import load_model, load_tokenizer
+from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from ..models.drafter import Drafter, ModelArgs as DrafterArgs
 from ..models.pipeline import Pipeline, weight_bytes
@@ -81,8 +81,9 @@ def resolve(path_or_repo: str) -> Path:
 
 
 def read_config(path: Path) -> dict:
+    """config.json, with generation_config.json's EOS ids when it has them (mlx-lm's rule)."""
     try:
-        return json.loads((path / "config.json").read_text())
+        return load_config(path)
     except FileNotFoundError:
         raise LoadError(f"{path}: no config.json") from None
     except json.JSONDecodeError as e:
@@ -99,13 +100,10 @@ def _load_weights_into(path: Path, config: dict, classes=None, lazy: bool = Fals
         raise LoadError(f"{path}: cannot load weights ({_one_line(e)})") from None
 
 
-def _eos_ids(path: Path, config: dict) -> set:
-    """Stop ids as mlx-lm takes them: generation_config.json's eos_token_id when it has one,
-    else config.json's (the tokenizer's own EOS is added by the tokenizer wrapper)."""
+def _eos_ids(config: dict) -> set:
+    """Stop ids as mlx-lm takes them (`read_config` merged generation_config.json's; the
+    tokenizer's own EOS is added by the tokenizer wrapper)."""
     eos = config.get("eos_token_id")
-    gen = path / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id") or eos
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
@@ -130,7 +128,7 @@ def load_target(path: Path, pipeline: Optional[Pipeline] = None, drafter: bool =
         except (ValueError, RuntimeError) as e:
             raise LoadError(f"{path}: cannot load weights ({_one_line(e)})") from None
         target.weight_bytes = weight_bytes(model)
-    eos = _eos_ids(path, config)
+    eos = _eos_ids(config)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         tokenizer = load_tokenizer(path, eos_token_ids=sorted(eos) or None)

@@ -114,31 +114,41 @@ class Engine:
         if self.rows:
             updates += self._round()
         tic = time.perf_counter()
-        budget, fresh, read, reading = PREFILL_STEP, [], [], []
         try:
-            while self.waiting and budget > 0 and len(self.rows) + len(fresh) + len(read) < self.max_batch:
+            updates += self._prefill(tic)
+        finally:
+            self.stats.prompt_time += time.perf_counter() - tic
+        return updates
+
+    def _prefill(self, tic: float) -> List[Update]:
+        """Read waiting prompts, in order, up to PREFILL_STEP ids and the free slots; rows
+        whose prompt is read commit their first token and join. New rows without a
+        conversation are read together, those of one length in one forward; a row that
+        continues a conversation, or whose prompt is over what is left of the budget, is
+        read on its own cache, a chunk a step."""
+        budget, together, alone = PREFILL_STEP, [], []  # alone: tuples of one row, as groups
+        row = None  # the row being read alone
+        try:
+            while self.waiting and budget > 0 and len(self.rows) + len(together) + len(alone) < self.max_batch:
                 row = self.waiting[0]
                 if not row.stats.prompt_time:
                     row.stats.prompt_time = -tic  # until its first token
                 if not row.tokens and row.read == 0 and len(row.prompt) <= budget:
-                    fresh.append(self.waiting.popleft())  # read below, with others of its length
+                    together.append(self.waiting.popleft())
                     budget -= len(row.prompt)
                     continue
-                reading = [row]
                 budget -= self._read(row, budget)
                 if row.read < len(row.prompt):
                     mx.eval([c.keys for c in row.cache])  # one chunk at a time
                     break
-                read.append((self.waiting.popleft(),))
-            updates += self._first_tokens(read + self._read_fresh(fresh))
+                alone.append((self.waiting.popleft(),))
+            row = None
+            return self._first_tokens(alone + self._read_together(together))
         except BaseException:
-            for row in fresh + [r for group in read for r in group] + reading:
-                self.remove(row)  # dropped: its conversation as it was
-                row.conversation.busy = False
+            for r in together + [group[0] for group in alone] + ([row] if row is not None else []):
+                self.remove(r)  # dropped: its conversation as it was
+                r.conversation.busy = False
             raise
-        finally:
-            self.stats.prompt_time += time.perf_counter() - tic
-        return updates
 
     def _read(self, row: Row, budget: int) -> int:
         """Read up to `budget` more prompt ids of a waiting row, on its own cache (lazily)."""
@@ -153,7 +163,7 @@ class Engine:
         row.carry = hidden[:, -1:]
         return n
 
-    def _read_fresh(self, rows: List[Row]) -> List[tuple]:
+    def _read_together(self, rows: List[Row]) -> List[tuple]:
         """Read new rows' prompts, those of one length in one forward (no padding: every
         row of the forward is at the same positions). Returns the groups."""
         groups = []
