@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 
-from mlx_mtp.bench import load_prompts, machine_info
-from mlx_mtp.embedded import ensure_target
+from mlx_mtp.bench.report import machine_info
+from mlx_mtp.bench.runner import load_prompts
+from mlx_mtp.checkpoints.embedded import ensure_target
 
 
 def free_port() -> int:

@@ -21,8 +21,8 @@ import mlx_mtp  # noqa: F401  (before mlx: loads MKL on Linux)
 import mlx.core as mx
 import numpy as np
 
-from mlx_mtp import blas
-from mlx_mtp.tuning import fastest_time
+from mlx_mtp.models import blas
+from mlx_mtp.engine.costs import fastest_time
 
 
 def products(weights, rows):

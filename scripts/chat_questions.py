@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 import mlx_mtp  # loads MKL before mlx where available
-from mlx_mtp import chat
+from mlx_mtp import conversation as chat
 
 QUESTIONS = [
     "What is the capital of France?",

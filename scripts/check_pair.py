@@ -21,11 +21,12 @@ import mlx_mtp  # loads MKL before mlx where available
 import mlx.core as mx
 from rich.console import Console
 
-from mlx_mtp import cli
-from mlx_mtp.bench import benchmark, load_prompts, plan, report
-from mlx_mtp.pipeline import weight_bytes
-from mlx_mtp.registry import TEMPLATE
-from mlx_mtp.stats import Stats
+from mlx_mtp.bench.report import bench_tables, report
+from mlx_mtp.bench.runner import benchmark, load_prompts, plan
+from mlx_mtp.models.pipeline import weight_bytes
+from mlx_mtp.checkpoints.registry import TEMPLATE
+from mlx_mtp.cli.display import sources
+from mlx_mtp.engine.stats import Stats
 
 
 def peak_memory() -> dict:
@@ -80,13 +81,13 @@ def main():
         **peak_memory(),
     }
     console = Console(highlight=False)
-    console.print(*cli.bench_tables(result))
+    console.print(*bench_tables(result))
     c = result["check"]
     console.print(
         f"greedy identical to mlx-lm: {'yes' if c['identical'] else 'NO'} ({c['runs']} prompts)\n"
         f"acceptance {c['acceptance']:.2f}, by position {' '.join(f'{a:.2f}' for a in c['per_position_acceptance'])}, "
         f"tokens per forward {c['mean_accepted_length']:.2f}\n"
-        f"by source: {cli.sources(c['by_source'])}\n"
+        f"by source: {sources(c['by_source'])}\n"
         f"weights: target {c['target_weight_bytes'] / 2**20:.0f} MiB, drafter {c['drafter_weight_bytes'] / 2**20:.1f} MiB; "
         f"peak: MLX {c['mlx_peak'] / 2**20:.0f} MiB, process {c['max_rss'] / 2**20:.0f} MiB"
     )

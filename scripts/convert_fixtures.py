@@ -28,7 +28,7 @@ Fixes, made to a temporary copy of a fixture (the committed files are never chan
   top-level `global_head_dim` (default 512). As written, both converters fail with
   "ValueError: Expected shape (1024, 64) but received shape (64, 64) for parameter
   [language_model.]model.layers.2.self_attn.q_proj.weight". The copy's text config is the
-  one mlx_mtp.loading.normalize_gemma4_text makes (the key derived from `per_layer_config`,
+  one mlx_mtp.checkpoints.loading.normalize_gemma4_text makes (the key derived from `per_layer_config`,
   transformers' defaults written out); published Gemma 4 configs carry `global_head_dim` at
   the top level, so the outputs look like conversions of those.
 - Drafter tokenizer: mlx_vlm.convert loads a processor, and drafter_dense has no tokenizer
@@ -48,7 +48,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # mlx_mtp itself need not be installed in the converters' venv
-from mlx_mtp.loading import normalize_gemma4_text  # noqa: E402
+from mlx_mtp.checkpoints.loading import normalize_gemma4_text  # noqa: E402
 FIXTURES = REPO / "tests" / "fixtures"
 OUT = FIXTURES / "converted"
 

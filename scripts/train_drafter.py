@@ -7,14 +7,14 @@ text the target samples itself from BOS, as is or inside a chat turn. Three stag
     python scripts/train_drafter.py data --out /tmp/drafter-data --max-batches 16
     python scripts/train_drafter.py data --prompts self --out /tmp/drafter-self --batches 16 --seed 1
     python scripts/train_drafter.py train --data /tmp/drafter-data /tmp/drafter-self --minutes 50 \
-        --out mlx_mtp/assets/gemma-3-270m-drafter
+        --out mlx_mtp/checkpoints/assets/gemma-3-270m-drafter
     python scripts/train_drafter.py data --prompts self --out /tmp/drafter-self2 --batches 20 --seed 2
-    python scripts/train_drafter.py train --init mlx_mtp/assets/gemma-3-270m-drafter \
-        --data /tmp/drafter-self2 --minutes 50 --lr 1.5e-4 --out mlx_mtp/assets/gemma-3-270m-drafter
+    python scripts/train_drafter.py train --init mlx_mtp/checkpoints/assets/gemma-3-270m-drafter \
+        --data /tmp/drafter-self2 --minutes 50 --lr 1.5e-4 --out mlx_mtp/checkpoints/assets/gemma-3-270m-drafter
     python scripts/train_drafter.py data --prompts self --out /tmp/drafter-self3 --batches 20 --seed 3
-    python scripts/train_drafter.py train --init mlx_mtp/assets/gemma-3-270m-drafter --data /tmp/drafter-self3 \
-        --minutes 45 --lr 1.5e-4 --lookup-weight 0.5 --val-seqs 64 --out mlx_mtp/assets/gemma-3-270m-drafter
-    python scripts/train_drafter.py eval  --drafter mlx_mtp/assets/gemma-3-270m-drafter
+    python scripts/train_drafter.py train --init mlx_mtp/checkpoints/assets/gemma-3-270m-drafter --data /tmp/drafter-self3 \
+        --minutes 45 --lr 1.5e-4 --lookup-weight 0.5 --val-seqs 64 --out mlx_mtp/checkpoints/assets/gemma-3-270m-drafter
+    python scripts/train_drafter.py eval  --drafter mlx_mtp/checkpoints/assets/gemma-3-270m-drafter
 
 `data` samples B rows per batch (half greedy, half at temperature 0.8, EOS banned) and records
 per position the token, the target's post-norm hidden state, its greedy argmax (the token
@@ -52,13 +52,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_mtp.cache import BatchCache
-from mlx_mtp.bench import encode_prompt, load_prompts
-from mlx_mtp.embedded import GEMMA_NOTICE, ensure_target
-from mlx_mtp.generate import Pair
-from mlx_mtp.loading import load_pair
-from mlx_mtp.proposers import NGramIndex
-from mlx_mtp.target import SLIDING
+from mlx_mtp.models.cache import BatchCache
+from mlx_mtp.bench.runner import encode_prompt, load_prompts
+from mlx_mtp.checkpoints.embedded import GEMMA_NOTICE, ensure_target
+from mlx_mtp.checkpoints.pair import Pair
+from mlx_mtp.checkpoints.loading import load_models
+from mlx_mtp.decoding.proposers import NGramIndex
+from mlx_mtp.models.target import SLIDING
 
 EOS_IDS = (1, 106)
 
@@ -252,7 +252,7 @@ def self_prompts(pair, B: int, rng: random.Random) -> list:
 
 
 def stage_data(args):
-    target, _, tokenizer, eos = load_pair(str(ensure_target()), None)
+    target, _, tokenizer, eos = load_models(str(ensure_target()), None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.prompts == "templates":
@@ -328,8 +328,8 @@ def drafter_config(target, intermediate: int) -> dict:
 
 
 def build_drafter(config: dict):
-    from mlx_mtp.drafter import Drafter, ModelArgs
-    from mlx_mtp.loading import normalize_gemma4_text
+    from mlx_mtp.models.drafter import Drafter, ModelArgs
+    from mlx_mtp.checkpoints.loading import normalize_gemma4_text
 
     config = dict(config, text_config=normalize_gemma4_text(config["text_config"]))
     return Drafter(ModelArgs.from_dict(config))
@@ -451,7 +451,7 @@ class Batches:
 def masks_for(offset, L: int, N: int, window: int) -> dict:
     """As Drafter.masks for L consecutive queries per row: keys strictly before the query,
     sliding layers the last W + 1 of them."""
-    from mlx_mtp.drafter import DRAFTER_SLIDING_EXTRA
+    from mlx_mtp.models.drafter import DRAFTER_SLIDING_EXTRA
 
     q = offset[:, None, None, None] + mx.arange(L)[None, None, :, None]  # [S, 1, L, 1]
     k = mx.arange(N)[None, None, None, :]
@@ -566,7 +566,7 @@ def save_drafter(drafter, config: dict, out: Path, meta: dict):
 def stage_train(args):
     mx.random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    target, _, _, _ = load_pair(str(ensure_target()), None)
+    target, _, _, _ = load_models(str(ensure_target()), None)
     target.model.freeze()
     seqs = [s for d in args.data for s in load_data(Path(d))]
     rng.shuffle(seqs)
@@ -708,14 +708,15 @@ def plain_greedy(pair, ids, max_tokens):
 def first_drafts_everywhere(pair, proposers: dict, prompt, truth) -> dict:
     """Every position of the greedy output `truth` as a round start (the target advancing one
     token at a time): does each proposer's first draft equal the target's token there?"""
-    from mlx_mtp.engine import Engine
-    from mlx_mtp.proposers import DraftContext
-    from mlx_mtp.sampling import SamplingParams
+    from mlx_mtp.decoding.proposers import DraftContext
+    from mlx_mtp.decoding.sampling import SamplingParams
+    from mlx_mtp.engine.scheduler import Engine
+    from mlx_mtp.request import GenerationRequest
 
     params = SamplingParams()
     states = {name: proposer.new_state() for name, proposer in proposers.items()}  # as every generation starts
     engine = Engine(pair, max_batch=1)
-    row = engine.add(prompt, params, max_tokens=len(truth), draft_tokens=0)
+    row = engine.add(GenerationRequest(prompt, params, max_tokens=len(truth), draft_tokens=0))
     engine.step()  # reads the prompt and commits truth[0]
     hits = {name: [] for name in proposers}
     for t in range(1, len(truth)):  # row.tokens[-1] is truth[t - 1]; the first draft guesses truth[t]
@@ -735,22 +736,25 @@ def first_drafts_everywhere(pair, proposers: dict, prompt, truth) -> dict:
 
 def stage_eval(args):
     from mlx_mtp import generate
-    from mlx_mtp.generate import Stats, encode
+    from mlx_mtp.decoding.proposers import HybridProposer, MTPProposer
+    from mlx_mtp.engine.stats import Stats
+    from mlx_mtp.request import encode
 
     tic = time.perf_counter()
     pair = mlx_mtp.load(str(ensure_target()), args.drafter)
     if args.prompts == "bench":  # mlx-mtp bench's built-in prompts, as bench sends them
         prompts = [encode_prompt(pair, p, True) for kind in load_prompts().values() for p in kind]
     else:
-        prompts = [encode(pair, p) for p in EVAL_PROMPTS]
-    proposers = {"drafter": pair.mtp, "hybrid": pair.proposer}
+        prompts = [encode(pair.tokenizer, p) for p in EVAL_PROMPTS]
+    drafter = MTPProposer(pair.drafter, pair.target)
+    proposers = {"drafter": drafter, "hybrid": HybridProposer(drafter)}
     results = {name: {} for name in proposers}
     identical, outputs = True, []
     for name, proposer in proposers.items():  # live decoding at a fixed K
-        pair.proposer = proposer
         total = Stats()
         for prompt in prompts:
-            r = generate(pair, prompt, max_tokens=args.max_tokens, num_draft_tokens=args.draft_tokens)
+            r = generate(pair, prompt, max_tokens=args.max_tokens, num_draft_tokens=args.draft_tokens,
+                         proposer=proposer)
             total = Stats.pooled([total, r.stats])
             if name == "drafter":
                 outputs.append(r.tokens)
@@ -764,7 +768,6 @@ def stage_eval(args):
             "by_source": {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in total.by_source.items()},
             "rounds": total.rounds,
         }
-    pair.proposer = proposers["hybrid"]
     hits = {name: [] for name in proposers}
     for prompt, truth in zip(prompts, outputs):
         for name, h in first_drafts_everywhere(pair, proposers, prompt, truth).items():
@@ -798,7 +801,7 @@ if __name__ == "__main__":
     d.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train")
     t.add_argument("--data", nargs="+", default=["/tmp/drafter-data"], help="one or more `data` directories")
-    t.add_argument("--out", default="mlx_mtp/assets/gemma-3-270m-drafter")
+    t.add_argument("--out", default="mlx_mtp/checkpoints/assets/gemma-3-270m-drafter")
     t.add_argument("--init", help="a drafter directory to start from (default: the target's layers)")
     t.add_argument("--minutes", type=float, default=30)
     t.add_argument("--intermediate", type=int, default=1536)
@@ -813,7 +816,7 @@ if __name__ == "__main__":
     t.add_argument("--report-every", type=int, default=50)
     t.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval")
-    e.add_argument("--drafter", default="mlx_mtp/assets/gemma-3-270m-drafter")
+    e.add_argument("--drafter", default="mlx_mtp/checkpoints/assets/gemma-3-270m-drafter")
     e.add_argument("--max-tokens", type=int, default=128)
     e.add_argument("--draft-tokens", type=int, default=2)
     e.add_argument("--prompts", choices=["held-out", "bench"], default="held-out",

@@ -5,11 +5,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
-import pytest
 from mlx_lm.generate import generate_step
 
 import mlx_mtp
-from mlx_mtp.proposers import StatelessProposer, deterministic
+from mlx_mtp.decoding.proposers import StatelessProposer, deterministic
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAIRS = {
@@ -66,21 +65,6 @@ class ContinuationProposer(StatelessProposer):
         return deterministic(mx.array([self._next(h, k) for h in ctx.history]))
 
 
-@pytest.fixture
-def with_proposer():
-    """Temporarily replace a pair's proposer."""
-    saved = []
-
-    def swap(pair, proposer):
-        saved.append((pair, pair.proposer))
-        pair.proposer = proposer
-        return pair
-
-    yield swap
-    for pair, proposer in reversed(saved):
-        pair.proposer = proposer
-
-
 class NoisyTargetProposer(StatelessProposer):
     """Samples drafts from q = the target's own distribution with fixed logit noise: q is
     close to p, so most drafts are accepted and most rejections land on likely tokens.
@@ -94,7 +78,7 @@ class NoisyTargetProposer(StatelessProposer):
         self.key = mx.random.key(seed)
 
     def propose(self, ctx, k):
-        from mlx_mtp.sampling import Proposal
+        from mlx_mtp.decoding.sampling import Proposal
 
         rows = range(len(ctx.history))
         by_length = {}  # rows of equal history length share one forward
@@ -107,7 +91,7 @@ class NoisyTargetProposer(StatelessProposer):
         return Proposal(*(mx.concatenate([parts[r][j] for r in rows]) for j in range(3)))
 
     def _propose_equal(self, history, k, params):
-        from mlx_mtp.sampling import log_probs, sample_candidates
+        from mlx_mtp.decoding.sampling import log_probs, sample_candidates
 
         tokens, q_draft, q_logprobs = [], [], []
         for i in range(k):

@@ -12,7 +12,7 @@ import sys
 
 import mlx_mtp
 from conftest import ContinuationProposer, load_pair, prompt_of
-from mlx_mtp.engine import PREFILL_STEP
+from mlx_mtp.engine.scheduler import PREFILL_STEP
 
 
 def run(pair, prompt, **kwargs) -> dict:
@@ -49,18 +49,14 @@ def scenarios(name: str) -> dict:
 
     # Long accepted runs: drafts that are mostly the target's own continuation.
     continuation = mlx_mtp.generate(pair, prompt, max_tokens=48, num_draft_tokens=0).tokens
-    proposer = pair.proposer
-    pair.proposer = ContinuationProposer([prompt + continuation], noise=0.2, seed=5)
-    try:
-        out["oracle K=4"] = run(pair, prompt, max_tokens=48, num_draft_tokens=4)
-    finally:
-        pair.proposer = proposer
+    oracle = ContinuationProposer([prompt + continuation], noise=0.2, seed=5)
+    out["oracle K=4"] = run(pair, prompt, max_tokens=48, num_draft_tokens=4, proposer=oracle)
     out["distributed"] = pair.distributed
     return out
 
 
 if __name__ == "__main__":
     results = {name: scenarios(name) for name in sys.argv[1:]}
-    pipeline = mlx_mtp.pipeline.init()
+    pipeline = mlx_mtp.models.pipeline.init()
     if pipeline is None or pipeline.last:
         print(json.dumps(results))

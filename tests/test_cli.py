@@ -15,8 +15,13 @@ from typer.testing import CliRunner
 
 import mlx_mtp
 from conftest import FIXTURES, load_pair
-from mlx_mtp import bench, chat, cli, registry
-from mlx_mtp.generate import GenerationResponse, Stats, encode
+from mlx_mtp import cli
+from mlx_mtp import conversation as chat
+from mlx_mtp.api import GenerationResponse
+from mlx_mtp.bench import runner as bench
+from mlx_mtp.checkpoints import registry
+from mlx_mtp.engine.stats import Stats
+from mlx_mtp.request import encode
 from test_registry import copy_to_hub_cache, hub_cache, toml  # noqa: F401 (fixtures)
 
 TARGET, DRAFTER = FIXTURES / "target_e2b", FIXTURES / "drafter_sparse"
@@ -210,7 +215,7 @@ def test_an_alias_resolves_through_the_hub_cache(hub_cache, toml):
 
 
 def test_with_no_model_named_commands_use_the_embedded_pair(toml, monkeypatch):
-    monkeypatch.setitem(sys.modules, "mlx_mtp.embedded", types.SimpleNamespace(ensure_target=lambda: TARGET))
+    monkeypatch.setitem(sys.modules, "mlx_mtp.checkpoints.embedded", types.SimpleNamespace(ensure_target=lambda: TARGET))
     toml(f'[hub]\ntarget = "a/b"\ndrafter = "a/c"\n\n[small]\nkind = "embedded"\ndrafter = "{DRAFTER}"\n')
     out = generate_json("Hello world", "-n", 8)
     assert out["model"] == "small"
@@ -444,7 +449,7 @@ def test_a_base_target_chats_through_the_dialogue_framing(base_target, fed):
     before = list(conversation.cache.tokens)
     ids = [t for r in conversation.reply("Thanks", max_tokens=8) for t in r.tokens]
     assert held + fed.prompts[1] == "<bos>" + seen + shown + "\n\nUser: Thanks\nAssistant:"
-    read = before + encode(pair, fed.prompts[1], first=False)
+    read = before + encode(pair.tokenizer, fed.prompts[1], first=False)
     assert conversation.cache.tokens[: len(read)] == read
     assert mlx_mtp.generate(pair, read, max_tokens=8).tokens == ids
 
@@ -509,7 +514,7 @@ def test_bench_measures_costs_afresh_for_auto_draft_length(prompts_file, tmp_pat
 
 
 def costs_keys():
-    from mlx_mtp.tuning import shape_key
+    from mlx_mtp.engine.costs import shape_key
 
     pair = mlx_mtp.load(str(TARGET), str(DRAFTER))
     return [shape_key(pair, pair.default_draft_tokens)]
@@ -566,7 +571,7 @@ def test_bench_compares_proposers_on_plain_text_with_the_cost_curve_and_bound(pr
     assert f"overall speedup hybrid {hybrid}, mtp {mtp} (plain text)" in result.stdout
     assert report["config"]["prompt_format"] == "plain text"
     pair = load_pair("e2b")
-    assert report["runs"][0]["prompt_tokens"] == [len(encode(pair, "Hello world"))]  # no template
+    assert report["runs"][0]["prompt_tokens"] == [len(encode(pair.tokenizer, "Hello world"))]  # no template
     mtp = report["summary"][1]
     assert set(mtp["by_source"]) == {"mtp"}  # the drafter alone
     costs = report["costs"]

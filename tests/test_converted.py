@@ -11,7 +11,7 @@ from mlx_lm.utils import load_model
 
 import mlx_mtp
 from conftest import FIXTURES, ContinuationProposer, plain_greedy, prompt_of
-from mlx_mtp.loading import LoadError
+from mlx_mtp.checkpoints.loading import LoadError
 
 CONVERTED = FIXTURES / "converted"
 TARGETS = [f"{converter}_{recipe}" for converter in ("vlm", "lm") for recipe in ("4bit", "8bit", "mixed")]
@@ -45,17 +45,18 @@ def test_the_converters_quantized_what_users_get(converted):
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_greedy_equals_plain_mlx_lm_on_the_converted_model(converted, k, with_proposer):
+def test_greedy_equals_plain_mlx_lm_on_the_converted_model(converted, k):
     name, _, pair, plain = converted
+    drafts = "hybrid"  # the pair's own proposer for the first prompt, the drafter alone after it
     for prompt in (prompt_of(5, seed=1), prompt_of(27, seed=2)):
         expected = plain_greedy(plain, prompt, 24)
-        out = mlx_mtp.generate(pair, prompt, max_tokens=24, num_draft_tokens=k)
+        out = mlx_mtp.generate(pair, prompt, max_tokens=24, num_draft_tokens=k, proposer=drafts)
         assert out.tokens == expected
         assert out.stats.drafted_tokens > 0 and 0 <= out.stats.acceptance_rate <= 1
         # Drafts that are often right: long accepted runs through the quantized verify.
-        with_proposer(pair, ContinuationProposer([prompt + expected], noise=0.3, seed=k))
-        out = mlx_mtp.generate(pair, prompt, max_tokens=24, num_draft_tokens=k)
-        with_proposer(pair, pair.mtp)
+        oracle = ContinuationProposer([prompt + expected], noise=0.3, seed=k)
+        out = mlx_mtp.generate(pair, prompt, max_tokens=24, num_draft_tokens=k, proposer=oracle)
+        drafts = "mtp"
         assert out.tokens == expected and sum(out.stats.accepted) > 0
 
 

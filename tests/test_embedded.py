@@ -15,8 +15,9 @@ from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
 from mlx_lm.utils import load_model, load_tokenizer
 
 import synthetic_gguf as synthetic
-from mlx_mtp import LoadError, embedded
-from mlx_mtp.embedded import ensure_converted, mlx_name
+from mlx_mtp import LoadError
+from mlx_mtp.checkpoints import embedded
+from mlx_mtp.checkpoints.embedded import ensure_converted, mlx_name
 
 
 def convert_synthetic(root: Path, seed: int = 0, source: str = "synthetic"):
@@ -232,7 +233,7 @@ def real_target():
 @pytest.mark.slow
 def test_embedded_target_knows_paris_and_greedy_matches_mlx_lm(real_target):
     import mlx_mtp
-    from mlx_mtp.loading import load_target
+    from mlx_mtp.checkpoints.loading import load_target
 
     target, tokenizer, eos = load_target(real_target)
     assert eos == {1, 106}

@@ -10,9 +10,9 @@ import pytest
 
 import mlx_mtp
 from conftest import plain_greedy
-from mlx_mtp import chat
-from mlx_mtp.loading import load_drafter
-from mlx_mtp.registry import PACKAGE, default_pair
+from mlx_mtp import conversation as chat
+from mlx_mtp.checkpoints.loading import load_drafter
+from mlx_mtp.checkpoints.registry import PACKAGE, default_pair
 
 DRAFTER = PACKAGE / "assets" / "gemma-3-270m-drafter"
 MAX_BYTES = 25 * 1024 * 1024
@@ -102,11 +102,7 @@ def test_shipped_pair_greedy_matches_plain_mlx_lm(pair, prompt):
 def test_shipped_drafter_alone_greedy_matches_plain_mlx_lm(pair):
     ids = pair.tokenizer.encode(PROMPTS[0])
     expected = plain_greedy(pair.target.model, ids, 40, pair.eos_ids)
-    try:
-        pair.use_proposer("mtp")
-        got = mlx_mtp.generate(pair, ids, max_tokens=40, num_draft_tokens=3)
-    finally:
-        pair.use_proposer("hybrid")
+    got = mlx_mtp.generate(pair, ids, max_tokens=40, num_draft_tokens=3, proposer="mtp")
     assert got.tokens == expected
     assert got.stats.drafted_tokens > 0 and got.stats.by_source.keys() == {"mtp"}
 

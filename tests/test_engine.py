@@ -6,9 +6,9 @@ import pytest
 
 import mlx_mtp
 from conftest import FIXTURES, PAIRS, WINDOW, ContinuationProposer, load_pair, plain_greedy, prompt_of
-from mlx_mtp import Engine, SamplingParams
-from mlx_mtp.engine import PREFILL_STEP
-from mlx_mtp.tuning import Costs
+from mlx_mtp import Engine, GenerationRequest, SamplingParams
+from mlx_mtp.engine.costs import CostModel, Costs
+from mlx_mtp.engine.scheduler import PREFILL_STEP
 from test_sampling_e2e import PROMPT, goodness_of_fit
 
 LONG = PREFILL_STEP + 352  # crosses a prefill chunk and many sliding-window reallocations
@@ -23,13 +23,14 @@ def test_a_short_row_beside_a_prompt_longer_than_a_prefill_chunk_equals_its_solo
     assert [r.tokens for r in results] == expected
 
 
-def test_four_rows_one_of_them_long_with_drafts_equal_their_solo_runs(with_proposer):
+def test_four_rows_one_of_them_long_with_drafts_equal_their_solo_runs():
     pair = load_pair("31b")
     prompts = [prompt_of(n, seed=30 + n) for n in (7, LONG, 3, 2 * WINDOW)]
     expected = [plain_greedy(pair.target.model, p, 20) for p in prompts]
     assert [r.tokens for r in mlx_mtp.batch_generate(pair, prompts, max_tokens=20, num_draft_tokens=3)] == expected
-    with_proposer(pair, ContinuationProposer([p + e for p, e in zip(prompts, expected)], noise=0.3))
-    assert [r.tokens for r in mlx_mtp.batch_generate(pair, prompts, max_tokens=20, num_draft_tokens=3)] == expected
+    oracle = ContinuationProposer([p + e for p, e in zip(prompts, expected)], noise=0.3)
+    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=20, num_draft_tokens=3, proposer=oracle)
+    assert [r.tokens for r in results] == expected
 
 
 def run_engine(pair, schedule, max_batch=8):
@@ -40,7 +41,7 @@ def run_engine(pair, schedule, max_batch=8):
     while engine.busy or step == 0 or any(r is None for r in rows):
         for i, (at, prompt, params, seed, k) in enumerate(schedule):
             if at == step:
-                rows[i] = engine.add(prompt, params, max_tokens=24, seed=seed, draft_tokens=k)
+                rows[i] = engine.add(GenerationRequest(prompt, params, max_tokens=24, seed=seed, draft_tokens=k))
         engine.step()
         step += 1
         assert len(engine.rows) <= max_batch
@@ -85,23 +86,24 @@ def test_seeded_sampled_rows_equal_their_solo_runs_whatever_shares_the_batch():
     assert other.tokens != solo[2]
 
 
-def test_auto_draft_length_in_a_batch_follows_rows_acceptance_and_costs(with_proposer):
+def test_auto_draft_length_in_a_batch_follows_rows_acceptance_and_costs():
     target, drafter = PAIRS["31b"]
     pair = mlx_mtp.load(str(FIXTURES / target), str(FIXTURES / drafter))  # its own costs
+    costs = CostModel.of(pair)
     # A verify of more tokens costs little here, a drafter step nothing.
-    pair.costs = {b: Costs([0.1 * b, 0.1 * b + 0.01, 0.1 * b + 0.02, 0.1 * b + 0.03, 0.1 * b + 0.04], 0.0)
+    costs.measured = {b: Costs([0.1 * b, 0.1 * b + 0.01, 0.1 * b + 0.02, 0.1 * b + 0.03, 0.1 * b + 0.04], 0.0)
                   for b in (1, 2, 4)}
     prompts = [prompt_of(n, seed=50 + n) for n in (8, 13, 5)]
     expected = [plain_greedy(pair.target.model, p, 30) for p in prompts]
-    with_proposer(pair, ContinuationProposer([p + e for p, e in zip(prompts, expected)], noise=0.0))
-    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=30)  # num_draft_tokens=None: auto
+    oracle = ContinuationProposer([p + e for p, e in zip(prompts, expected)], noise=0.0)
+    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=30, proposer=oracle)  # num_draft_tokens=None: auto
     assert [r.tokens for r in results] == expected
     assert max(results.stats.draft_tokens) == pair.default_draft_tokens  # right drafts: draft long
     # Drafts that are always wrong and a verify that costs 50% more per token: the rows' live
     # acceptance turns drafting off, but for probes.
-    pair.costs = {b: Costs([0.1 * b * (1 + 0.5 * n) for n in range(5)], 0.0) for b in (1, 2, 4)}
-    with_proposer(pair, ContinuationProposer([], noise=1.0))
-    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=30)
+    costs.measured = {b: Costs([0.1 * b * (1 + 0.5 * n) for n in range(5)], 0.0) for b in (1, 2, 4)}
+    wrong = ContinuationProposer([], noise=1.0)
+    results = mlx_mtp.batch_generate(pair, prompts, max_tokens=30, proposer=wrong)
     assert [r.tokens for r in results] == expected
     k = results.stats.draft_tokens
     assert k.count(0) > len(k) / 2 and set(k) <= {0, 1, pair.default_draft_tokens}
@@ -170,7 +172,7 @@ def test_a_failed_round_in_a_batch_leaves_every_row_where_it_was(monkeypatch):
     pair = load_pair("31b")
     engine = Engine(pair)
     prompts = [prompt_of(n, seed=60 + n) for n in (4, 3 * WINDOW)]
-    rows = [engine.add(p, max_tokens=20, draft_tokens=3) for p in prompts]
+    rows = [engine.add(GenerationRequest(p, max_tokens=20, draft_tokens=3)) for p in prompts]
     for _ in range(3):
         engine.step()
     state = [(list(r.tokens), [list(c.positions) for c in engine.cache]) for r in rows]
@@ -213,14 +215,14 @@ def test_many_conversations_continue_in_one_batch_reading_only_their_new_tokens(
         assert r.stats.prompt_tokens == len(s) and c.tokens == h + s + r.tokens
 
 
-def test_a_stop_id_inside_accepted_drafts_ends_its_row_and_counts_no_draft_past_it(with_proposer):
+def test_a_stop_id_inside_accepted_drafts_ends_its_row_and_counts_no_draft_past_it():
     pair = load_pair("moe")
     prompts = [prompt_of(n, seed=90 + n) for n in (6, 10, 4)]
     alone = [plain_greedy(pair.target.model, p, 30) for p in prompts]
     stop = alone[0][5]  # row 0 emits it as the 6th token, inside an 8-token draft
     eos_pair = mlx_mtp.Pair(pair.target, pair.drafter, pair.tokenizer, frozenset({stop}))
-    with_proposer(eos_pair, ContinuationProposer([p + e for p, e in zip(prompts, alone)], noise=0.0))
-    results = mlx_mtp.batch_generate(eos_pair, prompts, max_tokens=30, num_draft_tokens=8)
+    oracle = ContinuationProposer([p + e for p, e in zip(prompts, alone)], noise=0.0)
+    results = mlx_mtp.batch_generate(eos_pair, prompts, max_tokens=30, num_draft_tokens=8, proposer=oracle)
     expected = [e[: e.index(stop) + 1] if stop in e else e for e in alone]
     assert [r.tokens for r in results] == expected
     first = results[0]
@@ -230,7 +232,7 @@ def test_a_stop_id_inside_accepted_drafts_ends_its_row_and_counts_no_draft_past_
     assert first.stats.mean_accepted_length == 5.0
     for r in results:  # committed per round, whatever stopped the row
         assert r.stats.mean_accepted_length * r.stats.rounds == len(r.tokens) - 1
-    single = mlx_mtp.generate(eos_pair, prompts[0], max_tokens=30, num_draft_tokens=8)
+    single = mlx_mtp.generate(eos_pair, prompts[0], max_tokens=30, num_draft_tokens=8, proposer=oracle)
     assert single.stats.accepted == [5] and single.stats.mean_accepted_length == 5.0
 
 
@@ -296,7 +298,7 @@ def test_a_prompt_cache_serves_one_generation_at_a_time():
 
 def test_rows_keep_to_their_own_positions_in_a_shared_cache():
     """Per-row bookkeeping of one layer cache: joining rows far apart, leaving, taking out."""
-    from mlx_mtp.cache import BatchCache
+    from mlx_mtp.models.cache import BatchCache
 
     def filled(n, value, window=4):
         c = BatchCache(1, window, slack=2)

@@ -10,7 +10,7 @@ SHORT, LONG = prompt_of(5), prompt_of(3 * WINDOW + 3, seed=1)
 
 @pytest.mark.parametrize("name", ["e2b", "31b", "moe"])
 @pytest.mark.parametrize("k", range(1, 9))
-def test_greedy_matches_plain_for_every_draft_length(name, k, with_proposer):
+def test_greedy_matches_plain_for_every_draft_length(name, k):
     pair = load_pair(name)
     for prompt in (SHORT, LONG):
         expected = plain_greedy(pair.target.model, prompt, 24)
@@ -18,25 +18,24 @@ def test_greedy_matches_plain_for_every_draft_length(name, k, with_proposer):
         assert out.tokens == expected
         assert all(len(d) <= k for d in out.stats.drafts)
         # Same again with proposals that are often right: every accept length occurs.
-        with_proposer(pair, ContinuationProposer([prompt + expected], noise=0.3, seed=k))
-        out = mlx_mtp.generate(pair, prompt, max_tokens=24, num_draft_tokens=k)
+        oracle = ContinuationProposer([prompt + expected], noise=0.3, seed=k)
+        out = mlx_mtp.generate(pair, prompt, max_tokens=24, num_draft_tokens=k, proposer=oracle)
         assert out.tokens == expected
-        with_proposer(pair, pair.proposer)
 
 
 @pytest.mark.parametrize("name", ["e2b", "31b", "moe"])
-def test_greedy_matches_plain_past_window_many_times(name, with_proposer):
+def test_greedy_matches_plain_past_window_many_times(name):
     pair = load_pair(name)
     expected = plain_greedy(pair.target.model, LONG, 12 * WINDOW)
     assert mlx_mtp.generate(pair, LONG, max_tokens=12 * WINDOW, num_draft_tokens=3).tokens == expected
-    with_proposer(pair, ContinuationProposer([LONG + expected], noise=0.2))
-    out = mlx_mtp.generate(pair, LONG, max_tokens=12 * WINDOW, num_draft_tokens=5)
+    oracle = ContinuationProposer([LONG + expected], noise=0.2)
+    out = mlx_mtp.generate(pair, LONG, max_tokens=12 * WINDOW, num_draft_tokens=5, proposer=oracle)
     assert out.tokens == expected
     assert max(out.stats.accepted) == 5 and min(out.stats.accepted) == 0
 
 
 @pytest.mark.parametrize("name", ["e2b", "moe"])
-def test_multi_turn_continuation_equals_one_long_greedy_run(name, with_proposer):
+def test_multi_turn_continuation_equals_one_long_greedy_run(name):
     """Turns through a prompt cache read nothing twice and give what a fresh run on the
     whole history gives, past the sliding window."""
     pair = load_pair(name)
@@ -45,8 +44,8 @@ def test_multi_turn_continuation_equals_one_long_greedy_run(name, with_proposer)
     history = []
     for i, turn in enumerate(turns):
         expected = plain_greedy(pair.target.model, history + turn, 15)
-        with_proposer(pair, ContinuationProposer([history + turn + expected], noise=0.3, seed=i))
-        out = mlx_mtp.generate(pair, turn, max_tokens=15, num_draft_tokens=4, prompt_cache=cache)
+        oracle = ContinuationProposer([history + turn + expected], noise=0.3, seed=i)
+        out = mlx_mtp.generate(pair, turn, max_tokens=15, num_draft_tokens=4, prompt_cache=cache, proposer=oracle)
         assert out.tokens == expected
         assert out.stats.prompt_tokens == len(turn)
         history += turn + out.tokens
@@ -60,19 +59,19 @@ def test_plain_decoding_switch_matches_plain():
     assert out.stats.drafted_tokens == 0 and out.stats.rounds == 19
 
 
-def test_max_tokens_is_never_exceeded_and_eos_stops(with_proposer):
+def test_max_tokens_is_never_exceeded_and_eos_stops():
     pair = load_pair("e2b")
     expected = plain_greedy(pair.target.model, SHORT, 30)
-    with_proposer(pair, ContinuationProposer([SHORT + expected], noise=0.0))
+    oracle = ContinuationProposer([SHORT + expected], noise=0.0)
     for n in (1, 2, 7, 13):
-        out = mlx_mtp.generate(pair, SHORT, max_tokens=n, num_draft_tokens=8)
+        out = mlx_mtp.generate(pair, SHORT, max_tokens=n, num_draft_tokens=8, proposer=oracle)
         assert out.tokens == expected[:n] and out.finish_reason == "length"
     # Make an id the target emits mid-stream an EOS: generation stops right after it.
     stop = expected[9]
     first = expected.index(stop)
     eos_pair = mlx_mtp.Pair(pair.target, pair.drafter, pair.tokenizer, frozenset({stop}))
-    with_proposer(eos_pair, ContinuationProposer([SHORT + expected], noise=0.0))
-    out = mlx_mtp.generate(eos_pair, SHORT, max_tokens=30, num_draft_tokens=8)
+    oracle = ContinuationProposer([SHORT + expected], noise=0.0)
+    out = mlx_mtp.generate(eos_pair, SHORT, max_tokens=30, num_draft_tokens=8, proposer=oracle)
     assert out.tokens == expected[: first + 1] and out.finish_reason == "stop"
 
 

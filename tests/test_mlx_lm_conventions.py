@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import mlx.core as mx
 import pytest
@@ -13,8 +14,8 @@ from mlx_lm.utils import load_config
 
 import mlx_mtp
 from conftest import FIXTURES, ContinuationProposer, load_pair, plain_greedy, prompt_of
-from mlx_mtp.generate import encode
-from mlx_mtp.sampling import SamplingParams, log_probs
+from mlx_mtp.request import encode
+from mlx_mtp.decoding.sampling import SamplingParams, log_probs
 
 CONTEXT = 4096  # the fixtures' max_position_embeddings
 
@@ -24,7 +25,7 @@ def test_max_tokens_minus_one_runs_to_the_stop_id():
     prompt = prompt_of(9, seed=11)
     text = plain_greedy(pair.target.model, prompt, 200)
     stop = next(t for i, t in enumerate(text) if i >= 60 and t not in text[:i])  # a stop id the text reaches
-    pair.eos_ids = pair.eos_ids | {stop}
+    pair = replace(pair, eos_ids=pair.eos_ids | {stop})
     expected = plain_greedy(pair.target.model, prompt, 200, eos=pair.eos_ids)
     out = mlx_mtp.generate(pair, prompt, max_tokens=-1, num_draft_tokens=2)
     assert out.tokens == expected and expected[-1] == stop and out.finish_reason == "stop"
@@ -75,14 +76,14 @@ def test_stop_ids_are_generation_configs_list_as_mlx_lm_takes_them(tmp_path):
     assert 106 in pair.eos_ids and 50 not in pair.eos_ids
 
 
-def test_string_turns_add_bos_once_and_equal_a_fresh_run_on_the_whole_conversation(with_proposer):
+def test_string_turns_add_bos_once_and_equal_a_fresh_run_on_the_whole_conversation():
     # mlx-lm adds BOS to every string prompt; a conversation has one BOS, at its start.
     pair = load_pair("e2b")
     bos = pair.tokenizer.bos_token_id
     cache = mlx_mtp.make_prompt_cache(pair)
     history = []
     for turn in ["Hello there.", " How are you?", " Tell me more."]:
-        ids = encode(pair, turn, first=not history)
+        ids = encode(pair.tokenizer, turn, first=not history)
         expected = mlx_mtp.generate(pair, history + ids, max_tokens=10, num_draft_tokens=0).tokens
         out = mlx_mtp.generate(pair, turn, max_tokens=10, num_draft_tokens=3, prompt_cache=cache)
         assert out.tokens == expected
@@ -98,15 +99,16 @@ def penalties():
 
 @pytest.mark.parametrize("name", ["e2b", "31b", "moe"])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_greedy_with_logits_processors_equals_mlx_lm_with_them(name, k, with_proposer):
+def test_greedy_with_logits_processors_equals_mlx_lm_with_them(name, k):
     pair = load_pair(name)
     prompt = prompt_of(14, seed=k)
     expected = plain_greedy(pair.target.model, prompt, 30, logits_processors=penalties())
     assert expected != plain_greedy(pair.target.model, prompt, 30), "the processors change the greedy text"
     out = mlx_mtp.generate(pair, prompt, max_tokens=30, num_draft_tokens=k, logits_processors=penalties())
     assert out.tokens == expected  # the drafter's own drafts, processed as q
-    with_proposer(pair, ContinuationProposer([prompt + expected], noise=0.3, seed=k))
-    out = mlx_mtp.generate(pair, prompt, max_tokens=30, num_draft_tokens=k, logits_processors=penalties())
+    oracle = ContinuationProposer([prompt + expected], noise=0.3, seed=k)
+    out = mlx_mtp.generate(pair, prompt, max_tokens=30, num_draft_tokens=k, logits_processors=penalties(),
+                           proposer=oracle)
     assert out.tokens == expected and max(out.stats.accepted) >= min(k, 2)  # accepted runs: processed positions
 
 

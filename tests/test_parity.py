@@ -11,8 +11,8 @@ import pytest
 
 import mlx_mtp
 from conftest import FIXTURES, load_pair
-from mlx_mtp.proposers import DraftContext
-from mlx_mtp.sampling import SamplingParams
+from mlx_mtp.decoding.proposers import DraftContext, MTPProposer
+from mlx_mtp.decoding.sampling import SamplingParams
 
 REFERENCE = np.load(FIXTURES / "reference.npz")
 CASES = [(pair, prompt) for pair in ("e2b", "31b", "moe") for prompt in ("prompt_short", "prompt_long")]
@@ -27,7 +27,7 @@ def first_round(name, prompt_key, k=4):
         mx.array(seq.tokens[-1:]), seq.carry, seq.cached, pair.target.shared_kv(seq.cache), [seq.tokens],
         [SamplingParams()],
     )
-    return pair, seq, pair.mtp.propose(ctx, k)
+    return pair, seq, MTPProposer(pair.drafter, pair.target).propose(ctx, k)
 
 
 @pytest.mark.parametrize("name, prompt", CASES)
@@ -61,7 +61,7 @@ def test_drafter_first_round_matches_reference(name, prompt):
 
 
 @pytest.mark.parametrize("name", ["e2b", "31b"])
-def test_drafter_after_rollbacks_sees_only_committed_positions(name, with_proposer):
+def test_drafter_after_rollbacks_sees_only_committed_positions(name):
     """After many partly rejected rounds past the window, the drafter's view equals the
     view of a fresh prefill of the committed tokens (which matches the reference)."""
     from conftest import ContinuationProposer, plain_greedy
@@ -69,14 +69,14 @@ def test_drafter_after_rollbacks_sees_only_committed_positions(name, with_propos
     pair = load_pair(name)
     prompt = REFERENCE["prompt_long"].tolist()
     expected = plain_greedy(pair.target.model, prompt, 60)
-    drafter = pair.mtp
-    with_proposer(pair, ContinuationProposer([prompt + expected], noise=0.4))
+    drafter = MTPProposer(pair.drafter, pair.target)
+    oracle = ContinuationProposer([prompt + expected], noise=0.4)
     live = mlx_mtp.make_prompt_cache(pair)
-    out = mlx_mtp.generate(pair, prompt, max_tokens=60, num_draft_tokens=5, prompt_cache=live)
+    out = mlx_mtp.generate(pair, prompt, max_tokens=60, num_draft_tokens=5, prompt_cache=live, proposer=oracle)
     assert 0 < out.stats.acceptance_rate < 1
 
     fresh = mlx_mtp.make_prompt_cache(pair)
-    mlx_mtp.generate(pair, live.tokens[:-1], max_tokens=1, num_draft_tokens=0, prompt_cache=fresh)
+    mlx_mtp.generate(pair, live.tokens[:-1], max_tokens=1, num_draft_tokens=0, prompt_cache=fresh, proposer=oracle)
     assert fresh.tokens == live.tokens
     proposals = []
     for seq in (live, fresh):

@@ -16,8 +16,8 @@ import pytest
 import mlx_mtp
 import pipeline_run
 from conftest import FIXTURES, load_pair, plain_greedy, prompt_of
-from mlx_mtp.engine import PREFILL_STEP
-from mlx_mtp.pipeline import PipelineError, layer_ranges, weight_bytes
+from mlx_mtp.engine.scheduler import PREFILL_STEP
+from mlx_mtp.models.pipeline import PipelineError, layer_ranges, weight_bytes
 
 BIN = Path(sys.executable).parent
 PAIR = ["--target", str(FIXTURES / "target_e2b"), "--drafter", str(FIXTURES / "drafter_sparse")]

@@ -4,7 +4,7 @@ import random
 
 import mlx_mtp
 from conftest import load_pair, plain_greedy, prompt_of
-from mlx_mtp.proposers import HybridProposer, NGramIndex
+from mlx_mtp.decoding.proposers import HybridProposer, MTPProposer, NGramIndex
 
 
 def test_lookup_copies_what_followed_the_longest_recurring_suffix():
@@ -48,7 +48,7 @@ def test_hybrid_uses_lookup_where_the_output_repeats_and_stays_exact():
 
 def test_hybrid_names_the_next_source_before_the_round():
     pair = load_pair("e2b")
-    hybrid = HybridProposer(pair.mtp)
+    hybrid = HybridProposer(MTPProposer(pair.drafter, pair.target))
     state = hybrid.new_state()
     assert hybrid.next_source(state, [3, 4, 5, 3, 4]) == "ngram"  # "3 4" recurs
     assert hybrid.next_source(state, [3, 4, 5, 6, 7]) == "mtp"
@@ -59,7 +59,7 @@ def test_hybrid_names_the_next_source_before_the_round():
 
 def test_an_unused_lookup_is_still_scored_and_wins_back_its_rounds():
     pair = load_pair("e2b")
-    hybrid = HybridProposer(pair.mtp)
+    hybrid = HybridProposer(MTPProposer(pair.drafter, pair.target))
     state = hybrid.new_state()
     hybrid.observe([state], ["ngram"], [0], [[9]])  # one miss switches the lookup off
     for _ in range(3):

@@ -8,7 +8,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from mlx_mtp import registry
+from mlx_mtp.checkpoints import registry
 
 GEMMA_4 = ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-26b-a4b", "gemma-4-31b"]
 
@@ -94,7 +94,7 @@ def test_no_default_pair_without_an_embedded_entry(toml):
 def test_the_embedded_entry_is_the_default_and_builds_its_target(toml, monkeypatch, tmp_path):
     built = tmp_path / "built-target"
     fake = types.SimpleNamespace(ensure_target=lambda: built)
-    monkeypatch.setitem(sys.modules, "mlx_mtp.embedded", fake)
+    monkeypatch.setitem(sys.modules, "mlx_mtp.checkpoints.embedded", fake)
     toml('[hub]\ntarget = "a/b"\ndrafter = "a/c"\n\n[small]\nkind = "embedded"\ndrafter = "assets/drafter"\n')
     entry = registry.default_pair()
     assert entry.alias == "small"
@@ -105,7 +105,7 @@ def test_the_embedded_entry_is_the_default_and_builds_its_target(toml, monkeypat
 def test_the_embedded_target_needs_no_download_and_shows_its_size_once_built(toml, monkeypatch, tmp_path):
     built = tmp_path / "home" / "target"
     fake = types.SimpleNamespace(cache_home=lambda: tmp_path / "home", TARGET_DIR="target")
-    monkeypatch.setitem(sys.modules, "mlx_mtp.embedded", fake)
+    monkeypatch.setitem(sys.modules, "mlx_mtp.checkpoints.embedded", fake)
     toml(f'[small]\nkind = "embedded"\ndrafter = "{tmp_path}"\n')
     (target, drafter), = registry.presence(list(registry.load_registry().values()))
     assert target.local and target.size is None and drafter.local

@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_mtp.proposers import _overlay
-from mlx_mtp.sampling import Proposal, SamplingParams, accept_greedy, accept_sampled, log_probs
+from mlx_mtp.decoding.proposers import _overlay
+from mlx_mtp.decoding.sampling import Proposal, SamplingParams, accept_greedy, accept_sampled, log_probs
 
 V, K, ROWS = 5, 2, 200_000
 

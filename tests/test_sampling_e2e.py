@@ -13,7 +13,7 @@ import pytest
 
 import mlx_mtp
 from conftest import NoisyTargetProposer, load_pair, prompt_of
-from mlx_mtp.sampling import SamplingParams, log_probs
+from mlx_mtp.decoding.sampling import SamplingParams, log_probs
 
 PROMPT = prompt_of(11, seed=3)
 
@@ -63,25 +63,26 @@ def sample_rows(pair, params, rows, **kwargs):
     [("31b", SamplingParams(temperature=1.0)), ("31b", SamplingParams(1.0, top_p=0.7)), ("e2b", SamplingParams(1.0))],
     ids=["dense-temp1", "dense-top_p", "sparse-temp1"],
 )
-def test_batched_sampling_rows_follow_target_distribution(name, params, with_proposer):
+def test_batched_sampling_rows_follow_target_distribution(name, params):
     pair = load_pair(name)
     # The pair's own drafter (far from p on this prompt: mostly residual resampling) ...
     results, samples = sample_rows(pair, params, 1000, max_tokens=3, num_draft_tokens=2)
     assert sum(r.stats.drafted_tokens for r in results) > 0
     assert goodness_of_fit(samples, pair.target.model, params) > 1e-3
     # ... and a q close to p (mostly accepted; rejections resample the residual).
-    with_proposer(pair, NoisyTargetProposer(pair.target.model, noise=1.0))
-    results, samples = sample_rows(pair, params, 2000, max_tokens=3, num_draft_tokens=2)
+    noisy = NoisyTargetProposer(pair.target.model, noise=1.0)
+    results, samples = sample_rows(pair, params, 2000, max_tokens=3, num_draft_tokens=2, proposer=noisy)
     assert 0.3 < sum(r.stats.acceptance_rate for r in results) / len(results) < 0.95
     assert goodness_of_fit(samples, pair.target.model, params) > 1e-3
 
 
-def test_single_sequence_sampling_follows_target_distribution(with_proposer):
+def test_single_sequence_sampling_follows_target_distribution():
     pair = load_pair("31b")
     params = SamplingParams(temperature=1.0)
-    with_proposer(pair, NoisyTargetProposer(pair.target.model, noise=1.0))
+    noisy = NoisyTargetProposer(pair.target.model, noise=1.0)
     samples = [
-        mlx_mtp.generate(pair, PROMPT, max_tokens=3, num_draft_tokens=2, temperature=1.0, seed=s).tokens
+        mlx_mtp.generate(pair, PROMPT, max_tokens=3, num_draft_tokens=2, temperature=1.0, seed=s,
+                         proposer=noisy).tokens
         for s in range(500)
     ]
     assert goodness_of_fit(samples, pair.target.model, params) > 1e-3

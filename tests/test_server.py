@@ -17,8 +17,8 @@ from mlx_lm.sample_utils import make_logits_processors
 
 import mlx_mtp
 from conftest import FIXTURES, load_pair, plain_greedy, prompt_of
-from mlx_mtp.chat import DIALOGUE_STOPS, render_dialogue
-from mlx_mtp.generate import encode
+from mlx_mtp.conversation import DIALOGUE_STOPS, render_dialogue
+from mlx_mtp.request import encode
 
 TARGET, DRAFTER = str(FIXTURES / "target_e2b"), str(FIXTURES / "drafter_sparse")
 K = 2  # the server's fixed draft length: seeded samples are then reproducible row by row
@@ -95,7 +95,7 @@ def test_token_id_prompts_and_models_and_health(server, pair):
 
 
 def test_a_prompt_longer_than_a_prefill_chunk_beside_a_short_one(server, pair):
-    from mlx_mtp.engine import PREFILL_STEP
+    from mlx_mtp.engine.scheduler import PREFILL_STEP
 
     prompts = [prompt_of(PREFILL_STEP + 300, seed=12), prompt_of(4, seed=13)]
     with ThreadPoolExecutor(2) as pool:
@@ -173,7 +173,7 @@ def test_a_base_target_answers_chat_as_a_dialogue_and_stops_at_the_next_turn(tmp
         out = server.client.chat.completions.create(model=str(base), messages=messages, max_tokens=48, temperature=0)
     finally:
         server.stop()
-    assert out.usage.prompt_tokens == len(encode(pair, text))
+    assert out.usage.prompt_tokens == len(encode(pair.tokenizer, text))
     assert out.choices[0].message.content == full[: min(ends, default=len(full))]
     assert out.choices[0].finish_reason == ("stop" if ends else "length")
 
@@ -297,3 +297,22 @@ def test_a_port_in_use_fails_in_one_line(server):
            "--port", str(server.port)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr == f"error: cannot serve on 127.0.0.1:{server.port} (is the port in use?)\n"
+
+
+def test_an_unknown_path_gets_a_404_json_error(server):
+    response = httpx.get(f"{server.url}/v1/no-such-path")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_wrong_method_gets_a_405_json_error(server):
+    response = httpx.get(f"{server.url}/v1/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_address_that_does_not_resolve_fails_in_one_line():
+    cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--target", TARGET,
+           "--host", "no.such.host.invalid"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr == "error: cannot serve on no.such.host.invalid:8080 (the address cannot be resolved)\n"

@@ -4,8 +4,8 @@ import pytest
 
 import mlx_mtp
 from conftest import ContinuationProposer, load_pair, plain_greedy, prompt_of
-from mlx_mtp.stats import Stats
-from mlx_mtp.tuning import Costs, best_k, choose_k, conditional_acceptance
+from mlx_mtp.engine.stats import Stats
+from mlx_mtp.engine.costs import CostModel, Costs, best_k, choose_k, conditional_acceptance
 
 GPU = Costs(target=[1.0, 1.02, 1.04, 1.06, 1.08, 1.1, 1.12, 1.14, 1.16], draft_step=0.03)
 CPU = Costs(target=[1.0, 1.18, 1.28, 1.91, 1.99, 2.06, 2.4, 2.69, 3.0], draft_step=0.04)
@@ -65,12 +65,12 @@ def test_each_source_gets_its_own_draft_length():
     assert choose_k(CPU, [pooled], ["mtp"], 2) == 2  # one profile for both: drafter rounds draft too
 
 
-def test_auto_draft_length_stays_exact(with_proposer):
+def test_auto_draft_length_stays_exact():
     pair = load_pair("31b")
     prompt = prompt_of(20, seed=5)
     expected = plain_greedy(pair.target.model, prompt, 40)
-    with_proposer(pair, ContinuationProposer([prompt + expected], noise=0.1))
-    out = mlx_mtp.generate(pair, prompt, max_tokens=40)  # num_draft_tokens=None: auto
+    oracle = ContinuationProposer([prompt + expected], noise=0.1)
+    out = mlx_mtp.generate(pair, prompt, max_tokens=40, proposer=oracle)  # num_draft_tokens=None: auto
     assert out.tokens == expected
-    assert len(pair.costs[1].target) == pair.default_draft_tokens + 1
+    assert len(CostModel.of(pair).measured[1].target) == pair.default_draft_tokens + 1
     assert all(len(d) <= pair.default_draft_tokens for d in out.stats.drafts)

@@ -11,16 +11,17 @@ import pytest
 
 import mlx_mtp
 from conftest import FIXTURES, PAIRS, ContinuationProposer, load_pair, plain_greedy, prompt_of
-from mlx_mtp.head import ClusteredHead
-from mlx_mtp.stats import Stats
+from mlx_mtp.models.head import ClusteredHead
+from mlx_mtp.engine.stats import Stats
 from mlx_lm.models import gemma3_text
 from mlx.utils import tree_map
 
-from mlx_mtp import cpu
-from mlx_mtp.cpu import ColumnLinear, column_product, for_cpu
-from mlx_mtp.engine import Engine
-from mlx_mtp.target import Target
-from mlx_mtp.tuning import Costs, RoundTimes, speedup_bound
+from mlx_mtp.models import cpu
+from mlx_mtp.models.cpu import ColumnLinear, column_product, for_cpu
+from mlx_mtp.engine.scheduler import Engine
+from mlx_mtp.models.target import Target
+from mlx_mtp.engine.costs import CostModel, Costs, RoundTimes, speedup_bound
+from mlx_mtp.request import GenerationRequest
 
 
 @pytest.mark.parametrize("name", ["e2b", "31b", "moe"])
@@ -114,13 +115,13 @@ def test_per_row_clustered_head_equals_one_batched_gather():
     assert mx.allclose(out.logits, (rows @ h[:, :, None])[..., 0], atol=1e-5)
 
 
-def test_long_verify_stays_exact_with_column_products(with_proposer):
+def test_long_verify_stays_exact_with_column_products():
     # 16 drafts a round: a 17-token verify forward, past any small-M kernel switch.
     pair = load_pair("31b")
     prompt = prompt_of(40, seed=3)
     expected = plain_greedy(pair.target.model, prompt, 60)
-    with_proposer(pair, ContinuationProposer([prompt + expected], noise=0.05))
-    assert mlx_mtp.generate(pair, prompt, max_tokens=60, num_draft_tokens=16).tokens == expected
+    oracle = ContinuationProposer([prompt + expected], noise=0.05)
+    assert mlx_mtp.generate(pair, prompt, max_tokens=60, num_draft_tokens=16, proposer=oracle).tokens == expected
 
 
 def test_bound_for_a_fixed_draft_length_is_tau_t1_over_the_round_cost():
@@ -151,24 +152,25 @@ def test_round_times_disagree_only_over_a_full_window_by_a_wide_margin():
     assert not times.disagree(0.01, 0.1)  # and starts over
 
 
-def test_costs_from_a_busy_moment_are_measured_again(tmp_path, monkeypatch, with_proposer):
+def test_costs_from_a_busy_moment_are_measured_again(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_MTP_HOME", str(tmp_path))
     target, drafter = PAIRS["31b"]
     pair = mlx_mtp.load(str(FIXTURES / target), str(FIXTURES / drafter))
-    pair.costs = {1: Costs([10.0] * 5, 1.0)}  # seconds: a forward here takes milliseconds
+    costs = CostModel.of(pair)
+    costs.measured = {1: Costs([10.0] * 5, 1.0)}  # seconds: a forward here takes milliseconds
     prompt = prompt_of(10, seed=4)
     expected = plain_greedy(pair.target.model, prompt, RoundTimes.WINDOW + 10)
-    with_proposer(pair, ContinuationProposer([], noise=1.0))  # wrong drafts: one token a round
-    out = mlx_mtp.generate(pair, prompt, max_tokens=RoundTimes.WINDOW + 10)
+    wrong = ContinuationProposer([], noise=1.0)  # wrong drafts: one token a round
+    out = mlx_mtp.generate(pair, prompt, max_tokens=RoundTimes.WINDOW + 10, proposer=wrong)
     assert out.tokens == expected
     # Found out after one window of rounds, but never measured between two tokens of a stream:
-    assert pair.costs[1].target[0] == 10.0 and pair.stale_costs == {1}
-    stream = mlx_mtp.stream_generate(pair, prompt, max_tokens=4)
+    assert costs.measured[1].target[0] == 10.0 and costs.stale == {1}
+    stream = mlx_mtp.stream_generate(pair, prompt, max_tokens=4, proposer=wrong)
     next(stream)  # the next generation's first token comes after the new measurement
-    assert pair.costs[1].target[0] < 1.0 and not pair.stale_costs
+    assert costs.measured[1].target[0] < 1.0 and not costs.stale
     assert [t for r in stream for t in r.tokens] == expected[1:4]
     on_disk = json.loads((tmp_path / "costs.json").read_text())
-    assert asdict(pair.costs[1]) in on_disk.values()
+    assert asdict(costs.measured[1]) in on_disk.values()
 
 
 def test_stale_costs_wait_while_a_row_is_streaming(tmp_path, monkeypatch):
@@ -176,13 +178,14 @@ def test_stale_costs_wait_while_a_row_is_streaming(tmp_path, monkeypatch):
     target, drafter = PAIRS["31b"]
     pair = mlx_mtp.load(str(FIXTURES / target), str(FIXTURES / drafter))
     spoilt = Costs([10.0] * 5, 1.0)
-    pair.costs, pair.stale_costs = {1: spoilt}, {1}
+    costs = CostModel.of(pair)
+    costs.measured, costs.stale = {1: spoilt}, {1}
     engine = Engine(pair)
-    row = engine.add(prompt_of(6, seed=1), max_tokens=8)
-    assert pair.costs[1] is spoilt  # queued, not started
+    row = engine.add(GenerationRequest(prompt_of(6, seed=1), max_tokens=8))
+    assert costs.measured[1] is spoilt  # queued, not started
     assert [len(u.tokens) for u in engine.step()] == [1]  # measured first, then read, then its first token
-    assert pair.costs[1].target[0] < 1.0 and not pair.stale_costs
-    pair.costs, pair.stale_costs = {1: spoilt}, {1}
+    assert costs.measured[1].target[0] < 1.0 and not costs.stale
+    costs.measured, costs.stale = {1: spoilt}, {1}
     engine.step()  # the row streams: no pause between its tokens
-    assert pair.costs[1] is spoilt and pair.stale_costs == {1}
+    assert costs.measured[1] is spoilt and costs.stale == {1}
     engine.remove(row)

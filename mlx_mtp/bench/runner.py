@@ -1,19 +1,15 @@
-"""Plain mlx-lm against mlx-mtp on the same loaded target: interleaved runs, medians, checks.
+"""Plain mlx-lm against mlx-mtp on the same loaded target: interleaved runs, checked.
 
 Each measured run generates the same prompt twice, once with mlx-lm's `stream_generate` on
 `pair.target.model` and once with mlx-mtp, in alternating order so that drift (heat, other
 load) hits both. Batched runs do the same with B prompts and each library's
 `batch_generate`. Tokens/s is generation tokens over generation time as both libraries
 report it (prompt processing excluded). Greedy runs must give the same token ids.
+bench/report.py sums the runs up.
 """
 
-import math
-import os
-import platform
-import statistics
 import sys
-from dataclasses import asdict, dataclass, replace
-from importlib.metadata import version
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -25,7 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 from ..api import batch_generate, generate
 from ..checkpoints.pair import Pair
 from ..conversation import apply_template
-from ..engine.costs import CostModel, Costs, load_or_measure, speedup_bound
+from ..engine.costs import CostModel, load_or_measure
 from ..engine.stats import Stats
 from ..request import encode
 
@@ -221,92 +217,3 @@ def benchmark(
             mtp = run_mtp(*args)
             baseline = run_baseline(*args)
         yield Run(task, seed + i, *baseline, *mtp)
-
-
-def summarize(runs: List[Run], costs: Optional[Costs] = None) -> dict:
-    """One entry per setting (medians of tokens/s over its runs) and the overall speedup.
-
-    Overall speedups are geometric means of the settings' speedups, so every kind of prompt
-    weighs the same whatever its length: `overall` has one per setting but its kind (e.g. per
-    proposer), `overall_speedup` is over every setting. Batched settings also compare mlx-mtp with
-    itself at B = 1 (`vs_batch_1`), when B = 1 was measured. Unbatched settings get the
-    `bound` their rounds allow at the measured single-row `costs` (`tuning.speedup_bound`).
-    """
-    groups: Dict[Setting, List[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.task.setting, []).append(run)
-    medians = {s: statistics.median(r.mtp_tps for r in rs) for s, rs in groups.items()}
-    summary = []
-    for setting, rs in groups.items():
-        stats = Stats.pooled([r.stats for r in rs])
-        baseline, mtp = statistics.median(r.baseline_tps for r in rs), medians[setting]
-        entry = {
-            "kind": setting.kind,
-            "temperature": setting.temperature,
-            "draft_tokens": setting.k_label,
-            "proposer": setting.proposer,
-            "baseline_tps": baseline,
-            "mtp_tps": mtp,
-            "speedup": mtp / baseline if baseline else 0.0,
-            "acceptance": stats.acceptance_rate,
-            "mean_accepted_length": stats.mean_accepted_length,
-            "per_position_acceptance": stats.per_position_acceptance,
-            "by_source": stats.by_source,
-            "identical": None if setting.temperature > 0 else all(r.identical for r in rs),
-            "runs": len(rs),
-        }
-        if costs is not None and not setting.batch:
-            entry["bound"] = speedup_bound(costs, stats)
-        if setting.batch:
-            alone = medians.get(replace(setting, batch=1))
-            entry["batch"] = setting.batch
-            entry["vs_batch_1"] = mtp / alone if alone else None
-            # Row i pooled over the runs, and how often each K was chosen.
-            entry["row_acceptance"] = [Stats.pooled(row).acceptance_rate for row in zip(*(r.row_stats for r in rs))]
-            chosen = [k for r in rs for k in r.draft_tokens_chosen]
-            entry["draft_tokens_chosen"] = {k: chosen.count(k) for k in sorted(set(chosen))}
-        summary.append(entry)
-    by_setting: Dict[tuple, List[float]] = {}  # the setting but its kind -> speedups of its kinds
-    for entry in summary:
-        key = (entry["proposer"], entry["temperature"], entry["draft_tokens"], entry.get("batch"))
-        by_setting.setdefault(key, []).append(entry["speedup"])
-    overall = [
-        {"proposer": p, "temperature": t, "draft_tokens": k, "batch": b, "speedup": geometric_mean(speedups)}
-        for (p, t, k, b), speedups in by_setting.items()
-    ]
-    return {"summary": summary, "overall": overall, "overall_speedup": geometric_mean([e["speedup"] for e in summary])}
-
-
-def geometric_mean(speedups: List[float]) -> float:
-    speedups = [x for x in speedups if x > 0]
-    return math.exp(statistics.fmean(map(math.log, speedups))) if speedups else 0.0
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "device": str(mx.default_device()),
-        "device_info": mx.device_info(),
-        "python": platform.python_version(),
-        "mlx": version("mlx"),
-        "mlx-lm": version("mlx-lm"),
-        "mlx-mtp": version("mlx-mtp"),
-    }
-
-
-def report(pair: Pair, runs: List[Run], config: dict) -> dict:
-    """The --json-out document: summary, overall speedup, every run, machine and settings."""
-    costs = CostModel.of(pair).measured
-    return {
-        **summarize(runs, costs.get(1)),
-        "runs": [r.to_dict() for r in runs],
-        "model": pair.name,
-        "config": config,
-        # Seconds: target[n - 1] for a forward over n new tokens, draft_step for one drafter
-        # step; for one row (what the bounds use and auto K chooses from), and by batch size.
-        "costs": asdict(costs[1]) if 1 in costs else None,
-        "costs_by_batch": {b: asdict(c) for b, c in sorted(costs.items())},
-        "machine": machine_info(),
-    }

@@ -1,0 +1,113 @@
+"""`mlx-mtp generate`: one prompt, streamed; or a file of prompts, batched."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import mlx_mtp
+
+from ..api import batch_generate
+from ..bench.runner import load_prompts
+from ..conversation import apply_template
+from ..engine.stats import Stats
+from . import app, fail, one_line_errors
+from .display import details, status, summary_line
+from .options import (
+    DrafterOption,
+    DraftTokensOption,
+    MinPOption,
+    ModelOption,
+    NoDraftOption,
+    ProposerOption,
+    SeedOption,
+    TargetOption,
+    TempOption,
+    TopKOption,
+    TopPOption,
+    VerboseOption,
+    check_proposers,
+    pair_from_flags,
+    request_from_flags,
+)
+
+
+@app.command()
+@one_line_errors
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; - reads it from stdin.")] = None,
+    model: ModelOption = None,
+    target: TargetOption = None,
+    drafter: DrafterOption = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
+    temp: TempOption = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    min_p: MinPOption = 0.0,
+    seed: SeedOption = None,
+    draft_tokens: DraftTokensOption = None,
+    no_draft: NoDraftOption = False,
+    proposer: ProposerOption = "hybrid",
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user turn of the chat template.")] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (text, ids, stats), one line per prompt.")
+    ] = False,
+    prompts_file: Annotated[
+        Optional[Path], typer.Option("--prompts-file", help="One prompt per line, instead of PROMPT.")
+    ] = None,
+    # Checked below, not with min=: "--batch needs --prompts-file and a size >= 1" covers both.
+    batch: Annotated[
+        Optional[int],
+        typer.Option("--batch", help="Rows of --prompts-file decoded at once; the next joins as one ends. Default: 1."),
+    ] = None,
+    verbose: VerboseOption = False,
+):
+    """Complete one prompt, streaming the text as it is committed; or a file of prompts in batches."""
+    request = request_from_flags(max_tokens, temp, top_p, top_k, min_p, seed, 0 if no_draft else draft_tokens)
+    if (prompt is None) == (prompts_file is None):
+        fail("give either a PROMPT (- for stdin) or --prompts-file")
+    if batch is not None and (prompts_file is None or batch < 1):
+        fail("--batch needs --prompts-file and a size >= 1")
+    prompts = load_prompts(prompts_file)["file"] if prompts_file else [sys.stdin.read() if prompt == "-" else prompt]
+    if not prompts[0]:
+        fail("the prompt is empty")
+    check_proposers([proposer])
+    pair = pair_from_flags(model, target, drafter, verbose, proposer)
+    if chat:
+        prompts = [apply_template(pair, [{"role": "user", "content": p}]) for p in prompts]
+    kwargs = {"request": request, "proposer": proposer}
+    name = pair.name or target
+
+    if prompts_file:
+        # Continuous batching: `--batch` rows at a time, the next prompt joining as one ends.
+        results = batch_generate(pair, prompts, max_batch=batch or 1, seed=seed, **kwargs)
+        for i, r in enumerate(results):
+            if json_:
+                row = {"prompt": i, "model": name, "text": r.text, "tokens": r.tokens, "distributed": pair.distributed}
+                typer.echo(json.dumps({**row, "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}))
+            else:
+                typer.echo(f"--- prompt {i + 1} ---\n{r.text}")
+        if not json_:
+            stats = Stats.pooled([r.stats for r in results])
+            status(f"prompts 1-{len(results)}: " + summary_line(stats, tps=results.stats.generation_tps))
+        return
+
+    if json_:
+        out = mlx_mtp.generate(pair, prompts[0], **kwargs)
+        result = {"model": name, "text": out.text, "tokens": out.tokens, "finish_reason": out.finish_reason,
+                  "distributed": pair.distributed}
+        typer.echo(json.dumps({**result, "stats": out.stats.to_dict()}))
+        return
+    text = ""
+    for response in mlx_mtp.stream_generate(pair, prompts[0], **kwargs):
+        text = response.text or text
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+    if not text.endswith("\n"):
+        sys.stdout.write("\n")
+    status(summary_line(response.stats, response.finish_reason))
+    if verbose:
+        for line in details(response.stats):
+            status(line)

@@ -1,0 +1,205 @@
+"""OpenAI's API as the server speaks it: requests parsed and checked one field at a time,
+and the shapes of the replies. Nothing here touches HTTP or MLX."""
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from mlx_lm.sample_utils import make_logits_processors
+
+from ..checkpoints.pair import Pair
+from ..conversation import render
+from ..decoding.sampling import SamplingParams
+from ..request import GenerationRequest, check_vocabulary, encode
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class BadRequest(ValueError):
+    """A request the server refuses: OpenAI's error body with an HTTP status."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400, kind="invalid_request_error"):
+        super().__init__(message)
+        self.param, self.status, self.kind = param, status, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
+
+
+# Requests.
+
+def parse_body(raw: bytes, model_name: str) -> dict:
+    """The request body as a JSON object, for this server's model."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise BadRequest(f"the request body is over {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if body.get("model") not in (None, model_name):
+        raise BadRequest(f"unknown model {body.get('model')!r}; this server has {model_name!r}", "model")
+    return body
+
+
+def _number(body: dict, name: str, default, kind=float, low=None, high=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
+    if low is not None and value < low:
+        raise BadRequest(f"'{name}' must be >= {low}, got {value}", name)
+    if high is not None and value > high:
+        raise BadRequest(f"'{name}' must be <= {high}, got {value}", name)
+    return kind(value)
+
+
+def parse_processors(body: dict, vocab_size: int) -> list:
+    """mlx-lm's logits processors from OpenAI's `logit_bias`, `presence_penalty` and
+    `frequency_penalty` and mlx_lm.server's `repetition_penalty` / `repetition_context_size`."""
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise BadRequest("'logit_bias' must map token ids to numbers", "logit_bias")
+    ids = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.lstrip("-").isdigit() and 0 <= int(key) < vocab_size):
+            raise BadRequest(f"'logit_bias' keys must be token ids in 0..{vocab_size - 1}, got {key!r}", "logit_bias")
+        ids[int(key)] = _number({"logit_bias": value}, "logit_bias", 0.0, low=-100, high=100)
+    return make_logits_processors(
+        ids,
+        repetition_penalty=_number(body, "repetition_penalty", None, low=0),
+        repetition_context_size=_number(body, "repetition_context_size", 20, int, low=1),
+        presence_penalty=_number(body, "presence_penalty", None, low=-2, high=2),
+        frequency_penalty=_number(body, "frequency_penalty", None, low=-2, high=2),
+    )
+
+
+def parse_request(body: dict, context: Optional[int], vocab_size: int, draft_tokens: Optional[int],
+                  own_stops: List[str] = ()) -> GenerationRequest:
+    """The request's settings (no prompt yet), checked; `own_stops`: the server's stop strings."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _number({param: max_tokens}, param, 256, int, low=1, high=context)
+    temperature = _number(body, "temperature", 1.0, low=0)
+    top_p = _number(body, "top_p", 1.0, low=0, high=1)  # 0: off, as in mlx-lm
+    top_k = _number(body, "top_k", 0, int, low=0)
+    min_p = _number(body, "min_p", 0.0, low=0, high=1)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise BadRequest("'seed' must be an integer", "seed")
+    if _number(body, "n", 1, int) != 1:
+        raise BadRequest("only n = 1 is supported", "n")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    try:
+        params = SamplingParams(temperature, top_p, top_k, min_p, parse_processors(body, vocab_size))
+        return GenerationRequest((), params, max_tokens, seed if seed is None else seed % 2**32, draft_tokens,
+                                 tuple(stop) + tuple(own_stops))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+def parse_stream(body: dict) -> bool:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false", "stream")
+    return stream
+
+
+def completion_prompt(pair: Pair, body: dict) -> List[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise BadRequest("'prompt' is empty", "prompt")
+        if pair.tokenizer is None:
+            raise BadRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
+        return encode(pair.tokenizer, prompt)
+    if isinstance(prompt, list):
+        try:
+            check_vocabulary(encode(None, prompt), pair.target.vocab_size)
+            return prompt
+        except ValueError as e:
+            raise BadRequest(str(e), "prompt") from None
+    raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
+
+
+def chat_prompt(pair: Pair, body: dict) -> List[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list", "messages")
+    clean = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest("each message needs a 'role' and a 'content'", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: the text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise BadRequest("only text content parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise BadRequest("each message needs a 'role' and a 'content'", "messages")
+        clean.append({"role": m["role"], "content": content})
+    try:
+        return encode(pair.tokenizer, render(pair, clean))
+    except ValueError as e:
+        raise BadRequest(str(e), "messages") from None
+
+
+# Replies.
+
+def mtp_stats(stats) -> dict:
+    return {
+        "prompt_tokens_read": stats.prompt_tokens,  # the rest came from a kept conversation
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_accepted_length": stats.mean_accepted_length,
+        "drafted_tokens": stats.drafted_tokens,
+        "accepted_tokens": stats.accepted_tokens,
+        "rounds": stats.rounds,
+        "by_source": stats.by_source,
+        "generation_tps": stats.generation_tps,
+    }
+
+
+@dataclass
+class Reply:
+    """The replies to one request: a (chat) completion whole, or as the chunks of a stream."""
+
+    chat: bool
+    model: str
+    prompt_tokens: int  # all of the prompt, also the part a kept conversation had read
+    id: str = field(init=False)
+
+    def __post_init__(self):
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+
+    def whole(self, text: str, finish: str, tokens: int, stats) -> dict:
+        return self._envelope([self._choice(text, finish, "message")], False, usage=self._usage(tokens),
+                              mtp=mtp_stats(stats))
+
+    def chunk(self, text: str, finish: Optional[str], tokens: int, stats) -> dict:
+        """One chunk of a stream; the last (with a finish reason) has the usage and the stats too."""
+        extra = {"usage": self._usage(tokens), "mtp": mtp_stats(stats)} if finish else {}
+        return self._envelope([self._choice(text, finish, "delta")], True, **extra)
+
+    def _choice(self, text, finish, key: str) -> dict:
+        finish = "length" if finish == "context" else finish  # OpenAI's name for both limits
+        if not self.chat:
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+
+    def _envelope(self, choices, stream: bool, **extra) -> dict:
+        kind = ("chat.completion" + (".chunk" if stream else "")) if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": int(time.time()), "model": self.model,
+                "choices": choices, **extra}
+
+    def _usage(self, tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
+                "total_tokens": self.prompt_tokens + tokens}

@@ -1,0 +1,184 @@
+"""The one thread that owns MLX and the engine: it admits requests between rounds, runs the
+rounds, and hands each request the text its row committed. Finished conversations are kept
+(bounded in bytes): a request whose token ids start with those of a kept conversation
+continues it and reads only its new ids."""
+
+import asyncio
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from mlx_lm.utils import common_prefix_len
+
+from ..checkpoints.pair import Pair
+from ..engine.rows import PromptCache
+from ..engine.scheduler import Engine
+from ..request import GenerationRequest
+from .follower import AddRow, DropKept, FinishRow, send_plan
+from .protocol import BadRequest
+
+
+@dataclass
+class Job:
+    """One request as the worker sees it; `events` carries its updates to the handler."""
+
+    request: GenerationRequest  # all of the prompt, also what a kept conversation has
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    row: object = None
+    cancelled: bool = False
+    settings: dict = field(default_factory=dict)  # the request's settings, for the other ranks
+
+    async def updates(self):
+        """(text, finish reason, completion tokens so far, stats) as the row commits; raises
+        the worker's BadRequest."""
+        tokens = 0
+        while True:
+            event = await self.events.get()
+            if event[0] == "error":
+                raise event[1]
+            _, new, text, finish, stats = event
+            tokens += len(new)
+            yield text, finish, tokens, stats
+            if finish:
+                return
+
+
+class Conversations:
+    """Kept conversations, least recently used first, within `max_bytes` of target cache."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.kept: "OrderedDict[int, PromptCache]" = OrderedDict()
+
+    def take(self, ids: List[int]) -> Optional[PromptCache]:
+        """The kept conversation sharing the longest prefix with `ids`, rolled back to that
+        prefix (the sliding layers allowing) so that at least one id is left to read."""
+        best, best_len = None, 0
+        for key, conv in self.kept.items():
+            n = common_prefix_len(conv.tokens, ids)
+            if n > best_len:
+                best, best_len = key, n
+        if best is None:
+            return None
+        conv = self.kept[best]
+        if not conv.rewind(min(best_len, len(ids) - 1)):
+            return None
+        del self.kept[best]
+        return conv
+
+    def keep(self, conv: PromptCache) -> List[int]:
+        """Keep a conversation; returns the keys of those dropped to make room."""
+        self.kept[id(conv)] = conv
+        self.kept.move_to_end(id(conv))
+        dropped = []
+        while sum(c.nbytes for c in self.kept.values()) > self.max_bytes and self.kept:
+            dropped.append(self.kept.popitem(last=False)[0])
+        return dropped
+
+
+class Worker:
+    """The one thread that touches MLX (the main thread: MLX streams belong to the thread that
+    made them): admits jobs, steps the engine, publishes updates. Past `max_batch` live rows,
+    jobs wait in a queue of `max_queue`; past that, `submit` refuses them."""
+
+    def __init__(self, pair: Pair, max_batch: int, max_queue: int, draft_tokens: Optional[int], cache_bytes: int):
+        self.pair = pair
+        self.engine = Engine(pair, max_batch=max_batch)
+        self.draft_tokens = draft_tokens
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.inbox: "queue.Queue[Job]" = queue.Queue()
+        self.jobs: List[Job] = []  # admitted to the engine
+        self.conversations = Conversations(cache_bytes)
+        self.lock = threading.Lock()  # guards `queued`
+        self.queued = 0  # jobs submitted and not finished
+        self.stopping = False
+        self.pipeline = pair.target.pipeline
+        self.plan: list = []  # in a pipeline: the ops done since the last step, for the other ranks
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the batch and the queue are full."""
+        with self.lock:
+            if self.queued >= self.max_batch + self.max_queue:
+                return False
+            self.queued += 1
+        self.inbox.put(job)
+        return True
+
+    def run(self):
+        try:
+            while not self.stopping:
+                self._serve_step()
+        finally:
+            if self.pipeline is not None:
+                send_plan(self.pipeline, self.plan, stop=True)
+
+    def _serve_step(self):
+        self._admit(block=not self.engine.busy)
+        for job in [j for j in self.jobs if j.cancelled]:
+            self._finish(job, None)
+        if self.pipeline is not None:
+            plan, self.plan = self.plan, []
+            send_plan(self.pipeline, plan)
+        if self.engine.busy:
+            try:
+                updates = self.engine.step()
+            except Exception as e:  # a failed step changed nothing: fail its jobs, go on serving
+                for job in list(self.jobs):
+                    self._finish(job, e)
+                return
+            by_row = {id(job.row): job for job in self.jobs}
+            for update in updates:
+                job = by_row[id(update.row)]
+                self._send(job, ("update", update.tokens, update.text, update.finish_reason, update.row.stats))
+                if update.finish_reason:
+                    self._finish(job, None)
+
+    def _admit(self, block: bool):
+        while True:
+            try:
+                job = self.inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            kept = self.conversations.take(job.request.prompt)
+            conv = kept or PromptCache()
+            try:
+                job.row = self.engine.add(job.request.with_prompt(job.request.prompt[len(conv.tokens):]), conv)
+            except ValueError as e:
+                if kept is not None:  # kept again, rolled back (which loses nothing)
+                    dropped = self.conversations.keep(kept)
+                    if self.pipeline is not None:
+                        self.plan.append(DropKept(dropped))
+                self._done(job)
+                self._send(job, ("error", BadRequest(str(e))))
+                continue
+            self.jobs.append(job)
+            if self.pipeline is not None:
+                self.plan.append(AddRow(id(job), list(job.request.prompt), job.settings, list(job.request.stop),
+                                        None if kept is None else id(kept), len(conv.tokens)))
+
+    def _finish(self, job: Job, error: Optional[Exception]):
+        self.engine.remove(job.row)
+        self.jobs.remove(job)
+        dropped = self.conversations.keep(job.row.conversation)
+        if self.pipeline is not None:
+            self.plan.append(FinishRow(id(job), id(job.row.conversation), dropped))
+        self._done(job)
+        if error is not None:
+            self._send(job, ("error", BadRequest(f"generation failed: {error}", status=500, kind="server_error")))
+
+    def _done(self, job: Job):
+        with self.lock:
+            self.queued -= 1
+
+    @staticmethod
+    def _send(job: Job, event):
+        job.loop.call_soon_threadsafe(job.events.put_nowait, event)
+
+    def status(self) -> dict:
+        """Rows decoding, and requests waiting for one (read from the HTTP thread)."""
+        rows = len(self.engine.rows)
+        return {"rows": rows, "queued": self.queued - rows}
