@@ -130,6 +130,8 @@ def test_generate_needs_one_prompt_source_and_a_valid_batch(args, message, promp
         (["-n", "0"], "--max-tokens must be >= 1"),
         (["-n", "many"], "--max-tokens"),
         (["--temp", "-0.5"], "temperature must be >= 0"),
+        (["--temp", "nan"], "temperature must be a finite number"),
+        (["--top-p", "inf"], "top_p must be a finite number"),
         (["--top-p", "-0.5"], "top_p must be in [0, 1]"),
         (["--top-p", "1.5"], "top_p must be in [0, 1]"),
         (["--top-k", "-1"], "top_k"),

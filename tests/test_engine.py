@@ -321,3 +321,15 @@ def test_rows_keep_to_their_own_positions_in_a_shared_cache():
     assert short.positions == [3] and short.keys.shape[2] == 3
     a.keep_rows([0])
     assert a.positions == [340] and a.keys.shape[0] == 1
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "min_p"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_sampling_settings_are_refused(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        mlx_mtp.generate(load_pair("e2b"), [5, 6], max_tokens=4, **{name: value})
+
+
+def test_a_prompt_that_is_not_text_or_ids_is_a_value_error():
+    with pytest.raises(ValueError, match="the prompt must be text or a list of token ids"):
+        mlx_mtp.generate(load_pair("e2b"), None)

@@ -2,6 +2,7 @@
 and the shapes of the replies. Nothing here touches HTTP or MLX."""
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
+    if not math.isfinite(value):  # JSON bodies may carry NaN and Infinity
+        raise BadRequest(f"'{name}' must be a finite number, got {value}", name)
     if low is not None and value < low:
         raise BadRequest(f"'{name}' must be >= {low}, got {value}", name)
     if high is not None and value > high:
