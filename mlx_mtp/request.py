@@ -6,9 +6,8 @@ arguments). Its own fields are checked by its constructor; what only a loaded mo
 (the vocabulary, the context) the engine checks when the request joins.
 """
 
-import math
 from dataclasses import dataclass, replace
-from numbers import Integral, Real
+from numbers import Integral
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -22,12 +21,6 @@ NO_LIMIT = -1  # max_tokens as in mlx-lm: until a stop id or the end of the cont
 
 def is_int(x) -> bool:
     return isinstance(x, Integral) and not isinstance(x, bool)
-
-
-def check_finite(name: str, value) -> None:
-    """A number that NaN or infinity would turn into garbage tokens is refused."""
-    if isinstance(value, Real) and not isinstance(value, bool) and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 One table per pair: `target` and `drafter` (Hugging Face repo ids or local paths), the default
 draft length, a note, and how to chat with the target: `chat = "template"` (instruction-tuned:
 its chat template) or `"dialogue"` (a base model: a plain-text dialogue it continues; see
-chat.py); left out, a target with a chat template is "template". `label` names the model in
+conversation.py); left out, a target with a chat template is "template". `label` names the model in
 chat's banner. `target_4bit` names an mlx-community quantized target and adds the
 alias `<alias>-4bit`. `kind = "embedded"` marks the pair that works offline: its target is
 built on first use by `mlx_mtp.embedded` and its drafter ships inside the package (a path

@@ -78,9 +78,6 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
     """Time target forwards of `rows` rows over 1..k_max + 1 tokens and one drafter step,
     on a scratch cache holding about `context` positions per row (rows at different
     positions, as in a live batch)."""
-    from ..decoding.proposers import DraftContext
-    from ..decoding.sampling import SamplingParams
-
     target = pair.target
     cache = target.make_cache(rows)
     mx.eval(target.hidden(mx.broadcast_to(mx.arange(3, 3 + context), (rows, context)), cache))
