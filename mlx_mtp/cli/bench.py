@@ -13,20 +13,8 @@ from ..bench.runner import benchmark, load_prompts, plan
 from ..checkpoints.registry import TEMPLATE
 from ..conversation import apply_template
 from ..models import pipeline
-from . import app, fail, one_line_errors
+from . import app, fail, one_line_errors, options
 from .display import summary_line
-from .options import (
-    DrafterOption,
-    MinPOption,
-    ModelOption,
-    TargetOption,
-    TopKOption,
-    TopPOption,
-    VerboseOption,
-    check_proposers,
-    pair_from_flags,
-    request_from_flags,
-)
 
 
 def parse_list(value: Optional[str], kind, flag: str) -> list:
@@ -41,17 +29,17 @@ def parse_list(value: Optional[str], kind, flag: str) -> list:
 @app.command()
 @one_line_errors
 def bench(
-    model: ModelOption = None,
-    target: TargetOption = None,
-    drafter: DrafterOption = None,
+    model: options.ModelOption = None,
+    target: options.TargetOption = None,
+    drafter: options.DrafterOption = None,
     prompts: Annotated[
         Optional[Path], typer.Option("--prompts", help="One prompt per line, instead of the built-in sets.")
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per run.")] = 128,
     temp: Annotated[str, typer.Option("--temp", help="Temperatures, comma-separated (0: greedy, checked).")] = "0",
-    top_p: TopPOption = 1.0,
-    top_k: TopKOption = 0,
-    min_p: MinPOption = 0.0,
+    top_p: options.TopPOption = 1.0,
+    top_k: options.TopKOption = 0,
+    min_p: options.MinPOption = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first run (run i uses seed + i).")] = 0,
     draft_tokens: Annotated[
         Optional[str],
@@ -69,7 +57,7 @@ def bench(
         bool, typer.Option("--ignore-chat-template", help="Continue the prompts as plain text, without the template.")
     ] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json-out", help="Write the summary and every run.")] = None,
-    verbose: VerboseOption = False,
+    verbose: options.VerboseOption = False,
 ):
     """Plain mlx-lm against mlx-mtp on the same loaded target, interleaved, with medians."""
     temperatures = parse_list(temp, float, "--temp") or [0.0]
@@ -78,8 +66,8 @@ def bench(
     proposers = parse_list(proposer, str.strip, "--proposer")
     for t in temperatures:
         for k in ks or [None]:
-            request_from_flags(max_tokens, t, top_p, top_k, min_p, draft_tokens=k)
-    check_proposers(proposers)
+            options.request_from_flags(max_tokens, t, top_p, top_k, min_p, draft_tokens=k)
+    options.check_proposers(proposers)
     if max_tokens < 1:  # both libraries must stop at the same length to be compared
         fail(f"bench needs --max-tokens >= 1, got {max_tokens}")
     if any(b < 1 for b in batches):
@@ -90,7 +78,7 @@ def bench(
         fail("bench compares with plain mlx-lm in one process: run it without mlx.launch "
              "(generate --json gives a sharded run's speed)")
     prompt_sets = load_prompts(prompts)
-    pair = pair_from_flags(model, target, drafter, verbose)
+    pair = options.pair_from_flags(model, target, drafter, verbose)
     if pair.drafter is None:
         fail("bench compares against a drafter: pass --drafter with --target")
     # A base target echoes templated prompts (and the lookup copies the echo): it continues

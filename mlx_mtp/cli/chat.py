@@ -11,25 +11,8 @@ from rich.console import Console
 
 from ..conversation import Conversation, render
 from ..engine.stats import Stats
-from . import app, fail, one_line_errors
+from . import app, fail, one_line_errors, options
 from .display import COMMANDS, banner, details, summary_line
-from .options import (
-    DrafterOption,
-    DraftTokensOption,
-    MinPOption,
-    ModelOption,
-    NoDraftOption,
-    ProposerOption,
-    SeedOption,
-    TargetOption,
-    TempOption,
-    TopKOption,
-    TopPOption,
-    VerboseOption,
-    check_proposers,
-    pair_from_flags,
-    request_from_flags,
-)
 
 
 @contextmanager
@@ -78,26 +61,26 @@ def print_stats(conversation: Conversation, console: Console):
 @one_line_errors
 def chat(
     model_name: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Same as --model.")] = None,
-    model: ModelOption = None,
-    target: TargetOption = None,
-    drafter: DrafterOption = None,
+    model: options.ModelOption = None,
+    target: options.TargetOption = None,
+    drafter: options.DrafterOption = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per reply.")] = 256,
-    temp: TempOption = 0.0,
-    top_p: TopPOption = 1.0,
-    top_k: TopKOption = 0,
-    min_p: MinPOption = 0.0,
-    seed: SeedOption = None,
-    draft_tokens: DraftTokensOption = None,
-    no_draft: NoDraftOption = False,
-    proposer: ProposerOption = "hybrid",
-    verbose: VerboseOption = False,
+    temp: options.TempOption = 0.0,
+    top_p: options.TopPOption = 1.0,
+    top_k: options.TopKOption = 0,
+    min_p: options.MinPOption = 0.0,
+    seed: options.SeedOption = None,
+    draft_tokens: options.DraftTokensOption = None,
+    no_draft: options.NoDraftOption = False,
+    proposer: options.ProposerOption = "hybrid",
+    verbose: options.VerboseOption = False,
 ):
     """Multi-turn chat in the terminal; each turn reuses the prompt cache of the earlier ones."""
     if model_name and model:
         fail("give the model once, as MODEL or --model")
-    request = request_from_flags(max_tokens, temp, top_p, top_k, min_p, seed, 0 if no_draft else draft_tokens)
-    check_proposers([proposer])
-    pair = pair_from_flags(model_name or model, target, drafter, verbose, proposer)
+    request = options.request_from_flags(max_tokens, temp, top_p, top_k, min_p, seed, 0 if no_draft else draft_tokens)
+    options.check_proposers([proposer])
+    pair = options.pair_from_flags(model_name or model, target, drafter, verbose, proposer)
     conversation = Conversation(pair)
     render(pair, [{"role": "user", "content": "hi"}])  # no chat template: fail now, not at turn 1
     kwargs = {"request": request, "proposer": proposer}

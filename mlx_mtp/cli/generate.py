@@ -13,43 +13,26 @@ from ..api import batch_generate
 from ..bench.runner import load_prompts
 from ..conversation import apply_template
 from ..engine.stats import Stats
-from . import app, fail, one_line_errors
+from . import app, fail, one_line_errors, options
 from .display import details, status, summary_line
-from .options import (
-    DrafterOption,
-    DraftTokensOption,
-    MinPOption,
-    ModelOption,
-    NoDraftOption,
-    ProposerOption,
-    SeedOption,
-    TargetOption,
-    TempOption,
-    TopKOption,
-    TopPOption,
-    VerboseOption,
-    check_proposers,
-    pair_from_flags,
-    request_from_flags,
-)
 
 
 @app.command()
 @one_line_errors
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; - reads it from stdin.")] = None,
-    model: ModelOption = None,
-    target: TargetOption = None,
-    drafter: DrafterOption = None,
+    model: options.ModelOption = None,
+    target: options.TargetOption = None,
+    drafter: options.DrafterOption = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
-    temp: TempOption = 0.0,
-    top_p: TopPOption = 1.0,
-    top_k: TopKOption = 0,
-    min_p: MinPOption = 0.0,
-    seed: SeedOption = None,
-    draft_tokens: DraftTokensOption = None,
-    no_draft: NoDraftOption = False,
-    proposer: ProposerOption = "hybrid",
+    temp: options.TempOption = 0.0,
+    top_p: options.TopPOption = 1.0,
+    top_k: options.TopKOption = 0,
+    min_p: options.MinPOption = 0.0,
+    seed: options.SeedOption = None,
+    draft_tokens: options.DraftTokensOption = None,
+    no_draft: options.NoDraftOption = False,
+    proposer: options.ProposerOption = "hybrid",
     chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user turn of the chat template.")] = False,
     json_: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text, ids, stats), one line per prompt.")
@@ -62,10 +45,10 @@ def generate(
         Optional[int],
         typer.Option("--batch", help="Rows of --prompts-file decoded at once; the next joins as one ends. Default: 1."),
     ] = None,
-    verbose: VerboseOption = False,
+    verbose: options.VerboseOption = False,
 ):
     """Complete one prompt, streaming the text as it is committed; or a file of prompts in batches."""
-    request = request_from_flags(max_tokens, temp, top_p, top_k, min_p, seed, 0 if no_draft else draft_tokens)
+    request = options.request_from_flags(max_tokens, temp, top_p, top_k, min_p, seed, 0 if no_draft else draft_tokens)
     if (prompt is None) == (prompts_file is None):
         fail("give either a PROMPT (- for stdin) or --prompts-file")
     if batch is not None and (prompts_file is None or batch < 1):
@@ -73,8 +56,8 @@ def generate(
     prompts = load_prompts(prompts_file)["file"] if prompts_file else [sys.stdin.read() if prompt == "-" else prompt]
     if not prompts[0]:
         fail("the prompt is empty")
-    check_proposers([proposer])
-    pair = pair_from_flags(model, target, drafter, verbose, proposer)
+    options.check_proposers([proposer])
+    pair = options.pair_from_flags(model, target, drafter, verbose, proposer)
     if chat:
         prompts = [apply_template(pair, [{"role": "user", "content": p}]) for p in prompts]
     kwargs = {"request": request, "proposer": proposer}
