@@ -164,8 +164,12 @@ def batch_generate(
         raise ValueError("seed and prompt_caches need one entry per prompt")
     requests = []
     for prompt, s, cache in zip(prompts, seeds, caches):
-        one = _request(pair, prompt, cache is None or not cache.tokens, request, kwargs)
-        requests.append(replace(one, seed=s) if request is None or s is not None else one)
+        first = cache is None or not cache.tokens
+        if request is None:
+            requests.append(make_request(pair, prompt, first, seed=s, **kwargs))
+        else:
+            one = _request(pair, prompt, first, request, kwargs)
+            requests.append(one if s is None else replace(one, seed=s))
     engine = Engine(pair, max_batch=len(prompts) if max_batch is None else max_batch, proposer=proposer)
     rows = []
     try:

@@ -10,8 +10,6 @@ from dataclasses import dataclass, replace
 from numbers import Integral
 from typing import List, Optional, Sequence, Tuple, Union
 
-import numpy as np
-
 from .checkpoints.loading import LoadError
 from .decoding.sampling import SamplingParams
 from .models.cache import MAX_DRAFT_TOKENS
@@ -78,10 +76,9 @@ def check_vocabulary(ids: Sequence[int], vocab_size: int) -> None:
     crashes out of bounds, so none may reach it."""
     if not ids:
         raise ValueError("the prompt is empty")
-    array = np.asarray(ids, dtype=object if max(map(abs, ids)) >= 2**63 else np.int64)
-    outside = np.flatnonzero((array < 0) | (array >= vocab_size))
-    if outside.size:
-        raise ValueError(f"token id {ids[outside[0]]} is outside the vocabulary (0..{vocab_size - 1})")
+    if min(ids) < 0 or max(ids) >= vocab_size:  # (C loops; the slow search only on a bad id)
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
 
 
 def encode(tokenizer, prompt: Union[str, Sequence[int]], first: bool = True) -> List[int]:

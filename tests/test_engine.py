@@ -333,3 +333,19 @@ def test_non_finite_sampling_settings_are_refused(name, value):
 def test_a_prompt_that_is_not_text_or_ids_is_a_value_error():
     with pytest.raises(ValueError, match="the prompt must be text or a list of token ids"):
         mlx_mtp.generate(load_pair("e2b"), None)
+
+
+def test_a_pair_is_freed_once_its_user_drops_it():
+    """The per-pair cost model must not keep a pair (and its weights) alive."""
+    import gc
+    import weakref
+
+    from conftest import FIXTURES, PAIRS
+
+    target, drafter = PAIRS["e2b"]
+    pair = mlx_mtp.load(str(FIXTURES / target), str(FIXTURES / drafter))
+    mlx_mtp.generate(pair, [5, 6, 7], max_tokens=4)
+    alive = weakref.ref(pair)
+    del pair
+    gc.collect()
+    assert alive() is None

@@ -167,7 +167,9 @@ class CostModel:
     _by_pair = weakref.WeakKeyDictionary()
 
     def __init__(self, pair):
-        self.pair = pair
+        # A weak proxy: `_by_pair` keys on the pair, and a strong reference from its value
+        # would keep the pair (and its weights) alive for as long as the process runs.
+        self.pair = weakref.proxy(pair)
         self.measured: Dict[int, Costs] = {}  # rows (a power of two) -> Costs
         self.stale: set = set()  # row counts to measure again
         self.round_times = RoundTimes()

@@ -65,8 +65,6 @@ class Row:
                  max_tokens: int, at_context: bool, stop_ids: frozenset, state, text: RowText):
         self.request = request
         self.prompt = list(request.prompt)  # ids to read after the conversation's
-        self.params = request.params
-        self.draft_tokens = request.draft_tokens  # fixed K, or None: chosen per round
         self.stop_ids = stop_ids  # the request's, or the pair's EOS ids
         self.keeps_conversation = conversation is not None  # else nobody reads it at the end
         conversation = conversation if conversation is not None else PromptCache()
@@ -84,6 +82,15 @@ class Row:
         self.stats = Stats(prompt_tokens=len(self.prompt))
         self.finish_reason: Optional[str] = None
         self.started = 0.0  # when the first token was committed
+
+    @property
+    def params(self):
+        return self.request.params
+
+    @property
+    def draft_tokens(self) -> Optional[int]:
+        """Fixed K, or None: chosen per round."""
+        return self.request.draft_tokens
 
     @property
     def position(self) -> int:
