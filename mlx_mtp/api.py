@@ -76,6 +76,8 @@ def _request(pair: Pair, prompt: Prompt, first: bool, request: Optional[Generati
     """The request of one call: from keyword settings, or a given request's settings."""
     if request is None:
         return make_request(pair, prompt, first, **kwargs)
+    if not isinstance(request, GenerationRequest):
+        raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
     if kwargs:
         raise ValueError(f"give the settings as a request or as keywords, not both (got {', '.join(kwargs)})")
     return request.with_prompt(encode(pair.tokenizer, prompt, first))

@@ -44,16 +44,18 @@ class GenerationRequest:
         if isinstance(self.prompt, (str, bytes)):
             raise ValueError("the prompt must be token ids here (encode text first)")
         object.__setattr__(self, "prompt", tuple(token_ids(self.prompt)))
+        if not isinstance(self.params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(self.params).__name__}")
         if not is_int(self.max_tokens) or not (self.max_tokens >= 1 or self.max_tokens == NO_LIMIT):
             raise ValueError(f"max_tokens must be an integer >= 1, or -1 for no limit, got {self.max_tokens!r}")
         if self.draft_tokens is not None and not (is_int(self.draft_tokens) and 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS):
             raise ValueError(f"num_draft_tokens must be in 0..{MAX_DRAFT_TOKENS}, got {self.draft_tokens!r}")
         if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed < 2**64):
             raise ValueError(f"seed must be an integer in 0..2**64 - 1, got {self.seed!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if not all(isinstance(s, str) and s for s in stop):
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop or ()
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
-        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop", tuple(stop))
         if self.stop_ids is not None:
             object.__setattr__(self, "stop_ids", frozenset(token_ids(self.stop_ids)))
 
@@ -64,7 +66,10 @@ class GenerationRequest:
 
 def token_ids(ids) -> List[int]:
     """Ids as Python ints (which ids the vocabulary has is the engine's check)."""
-    out = list(ids)
+    try:
+        out = list(ids)
+    except TypeError:
+        raise ValueError(f"token ids must be a list of integers, got {type(ids).__name__}") from None
     if not all(is_int(t) for t in out):
         bad = next(t for t in out if not is_int(t))
         raise ValueError(f"token ids must be integers, got {bad!r}")

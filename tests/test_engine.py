@@ -349,3 +349,28 @@ def test_a_pair_is_freed_once_its_user_drops_it():
     del pair
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(proposer=123), "proposer must be a name or a Proposer"),
+        (dict(proposer="bogus"), "unknown proposer 'bogus'"),
+        (dict(request="x"), "request must be a GenerationRequest"),
+        (dict(request=mlx_mtp.GenerationRequest(), max_tokens=3), "as a request or as keywords, not both"),
+        (dict(stop=5), "stop strings must be non-empty strings"),
+        (dict(stop=[""]), "stop strings must be non-empty strings"),
+    ],
+)
+def test_bad_call_arguments_are_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mlx_mtp.generate(load_pair("e2b"), [5, 6], **kwargs)
+
+
+def test_a_request_checks_its_own_fields():
+    with pytest.raises(ValueError, match="params must be SamplingParams"):
+        mlx_mtp.GenerationRequest((5, 6), params="x")
+    with pytest.raises(ValueError, match="token ids must be a list of integers"):
+        mlx_mtp.GenerationRequest(5)
+    with pytest.raises(ValueError, match="the prompt must be token ids here"):
+        mlx_mtp.GenerationRequest("hello")

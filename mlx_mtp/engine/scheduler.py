@@ -57,6 +57,8 @@ class Engine:
         self.max_batch = max_batch
         if isinstance(proposer, str):
             proposer = make_proposer(proposer, pair.target, pair.drafter, pair.drafter_on_rank_0)
+        elif not callable(getattr(proposer, "propose", None)):
+            raise ValueError(f"proposer must be a name or a Proposer, got {type(proposer).__name__}")
         self.proposer = proposer
         self.costs = costs if costs is not None else CostModel.of(pair)
         self.rows: List[Row] = []  # live rows, in the batch cache's row order
