@@ -90,6 +90,7 @@ def stream_generate(
     interrupt: Optional[threading.Event] = None,
     proposer: Union[str, Proposer] = "hybrid",
     request: Optional[GenerationRequest] = None,
+    prefill_step_size: Optional[int] = None,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Yield committed text round by round; the last chunk has a finish_reason ("stop": a
@@ -108,9 +109,11 @@ def stream_generate(
     round under way (finish_reason "interrupted"); in a pipeline, the way to stop early.
     request: a `GenerationRequest` whose settings to use instead of the keywords (its
     prompt is replaced by `prompt`).
+    prefill_step_size: prompt ids read per forward (default: from the pair's measured
+    costs); the output of a prompt longer than it depends on it, as in mlx-lm.
     """
     request = _request(pair, prompt, prompt_cache is None or not prompt_cache.tokens, request, kwargs)
-    engine = Engine(pair, max_batch=1, proposer=proposer)
+    engine = Engine(pair, max_batch=1, proposer=proposer, prefill_step_size=prefill_step_size)
     if interrupt is not None:
         if not callable(getattr(interrupt, "is_set", None)):
             raise ValueError(f"interrupt must be a threading.Event, got {type(interrupt).__name__}")
@@ -149,6 +152,7 @@ def batch_generate(
     max_batch: Optional[int] = None,
     proposer: Union[str, Proposer] = "hybrid",
     request: Optional[GenerationRequest] = None,
+    prefill_step_size: Optional[int] = None,
     **kwargs,
 ) -> BatchResults:
     """Generate for every prompt; row i gives what `generate` gives for prompt i alone.
@@ -172,7 +176,8 @@ def batch_generate(
         else:
             one = _request(pair, prompt, first, request, kwargs)
             requests.append(one if s is None else replace(one, seed=s))
-    engine = Engine(pair, max_batch=len(prompts) if max_batch is None else max_batch, proposer=proposer)
+    engine = Engine(pair, max_batch=len(prompts) if max_batch is None else max_batch, proposer=proposer,
+                    prefill_step_size=prefill_step_size)
     rows = []
     try:
         for request, cache in zip(requests, caches):

@@ -17,6 +17,9 @@ PAIRS = {
     "moe": ("target_moe", "drafter_moe"),  # 26B-A4B-like mixture of experts
 }
 WINDOW = 8  # the fixtures' sliding window
+# mlx-lm's prompt chunk: prompts past it are read in chunks by plain decoding too (and in
+# many chunks by the engine, whose prefill step is at most this)
+MLX_LM_PREFILL = 2048
 
 
 @lru_cache(maxsize=None)

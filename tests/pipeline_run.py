@@ -11,8 +11,7 @@ import json
 import sys
 
 import mlx_mtp
-from conftest import ContinuationProposer, load_pair, prompt_of
-from mlx_mtp.engine.scheduler import PREFILL_STEP
+from conftest import MLX_LM_PREFILL, ContinuationProposer, load_pair, prompt_of
 
 
 def run(pair, prompt, **kwargs) -> dict:
@@ -31,7 +30,7 @@ def scenarios(name: str) -> dict:
 
     if name == "e2b":  # the KV-sharing layers and per-layer inputs cross the ranks
         # Past a prefill chunk and a cache reallocation, with the sliding window wrapped many times.
-        long = prompt_of(PREFILL_STEP + 90, seed=2)
+        long = prompt_of(MLX_LM_PREFILL + 90, seed=2)
         out["long prompt"] = run(pair, long, max_tokens=270, num_draft_tokens=2)
 
     # Continuous batching: rows of different lengths joining and leaving, greedy and sampled.

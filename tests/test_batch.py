@@ -50,7 +50,9 @@ def test_rows_finish_at_different_times_and_leave_the_batch():
     for e in alone:
         cut = e.index(stop) + 1 if stop in e else len(e)
         limits.append(e[:cut])
-    results = mlx_mtp.batch_generate(eos_pair, prompts, max_tokens=30, num_draft_tokens=3, proposer=oracle)
+    # (all four prompts read in the first step)
+    results = mlx_mtp.batch_generate(eos_pair, prompts, max_tokens=30, num_draft_tokens=3, proposer=oracle,
+                                     prefill_step_size=64)
     assert [r.tokens for r in results] == limits
     assert results[0].finish_reason == "stop"
     live = results.stats.live_rows

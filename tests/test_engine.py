@@ -5,13 +5,12 @@ import mlx.core as mx
 import pytest
 
 import mlx_mtp
-from conftest import FIXTURES, PAIRS, WINDOW, ContinuationProposer, load_pair, plain_greedy, prompt_of
+from conftest import MLX_LM_PREFILL, FIXTURES, PAIRS, WINDOW, ContinuationProposer, load_pair, plain_greedy, prompt_of
 from mlx_mtp import Engine, GenerationRequest, SamplingParams
 from mlx_mtp.engine.costs import CostModel, Costs
-from mlx_mtp.engine.scheduler import PREFILL_STEP
 from test_sampling_e2e import PROMPT, goodness_of_fit
 
-LONG = PREFILL_STEP + 352  # crosses a prefill chunk and many sliding-window reallocations
+LONG = MLX_LM_PREFILL + 352  # crosses a prefill chunk and many sliding-window reallocations
 
 
 @pytest.mark.parametrize("name", ["e2b", "moe"])
@@ -374,3 +373,81 @@ def test_a_request_checks_its_own_fields():
         mlx_mtp.GenerationRequest(5)
     with pytest.raises(ValueError, match="the prompt must be token ids here"):
         mlx_mtp.GenerationRequest("hello")
+
+
+def test_decoding_rows_commit_every_step_while_a_long_prompt_is_read_a_chunk_at_a_time():
+    pair = load_pair("e2b")
+    step_size = 32
+    engine = Engine(pair, max_batch=4, prefill_step_size=step_size)
+    stream = engine.add(GenerationRequest(prompt_of(6, seed=1), max_tokens=200, draft_tokens=2))
+    while not engine.rows:
+        engine.step()
+    long = engine.add(GenerationRequest(prompt_of(LONG, seed=2), max_tokens=8, draft_tokens=2))
+    steps = 0
+    while long not in engine.rows:
+        updates = engine.step()
+        steps += 1
+        assert stream in [u.row for u in updates]  # the stream never waits a step
+    assert steps == -(-LONG // step_size)  # one chunk a step: no more, no fewer
+    for row in (stream, long):
+        while row.finish_reason is None:
+            engine.step()
+    solo = mlx_mtp.generate(pair, prompt_of(LONG, seed=2), max_tokens=8, num_draft_tokens=2,
+                            prefill_step_size=step_size)
+    assert long.generated == solo.tokens == plain_greedy(pair.target.model, prompt_of(LONG, seed=2), 8)
+
+
+def test_a_short_prompt_behind_a_long_one_is_read_at_its_first_turn_and_both_stay_exact():
+    pair = load_pair("31b")
+    engine = Engine(pair, max_batch=4, prefill_step_size=64)
+    long = engine.add(GenerationRequest(prompt_of(LONG, seed=3), max_tokens=6, draft_tokens=0))
+    engine.step()
+    short = engine.add(GenerationRequest(prompt_of(5, seed=4), max_tokens=6, draft_tokens=0))
+    engine.step()  # the long prompt's turn (it was being read): one chunk
+    assert short not in engine.rows
+    engine.step()  # the short prompt's turn: read whole, its first token committed
+    assert short in engine.rows and long not in engine.rows
+    while engine.busy:
+        engine.step()
+    for row, seed, n in ((long, 3, LONG), (short, 4, 5)):
+        assert row.generated == plain_greedy(pair.target.model, prompt_of(n, seed=seed), 6)
+
+
+def test_short_prompts_share_a_step_and_equal_prompts_are_read_in_one_forward(monkeypatch):
+    pair = load_pair("e2b")
+    forwards = []
+    hidden = pair.target.hidden
+    monkeypatch.setattr(pair.target, "hidden", lambda tokens, cache: forwards.append(tokens.shape) or hidden(tokens, cache))
+    engine = Engine(pair, max_batch=8, prefill_step_size=20)
+    prompts = [prompt_of(7, seed=5), prompt_of(7, seed=6), prompt_of(9, seed=7), prompt_of(30, seed=8)]
+    rows = [engine.add(GenerationRequest(p, max_tokens=5, draft_tokens=0)) for p in prompts]
+    engine.step()
+    # Both 7-id prompts in one forward, the 9-id one beside them (16 of 20 ids); the 30-id
+    # prompt's 20-id chunk does not fit in what is left, so it waits for its turn.
+    assert forwards[:2] == [(2, 7), (1, 9)] and set(engine.rows) == set(rows[:3])
+    monkeypatch.undo()
+    while engine.busy:
+        engine.step()
+    for row, prompt in zip(rows, prompts):
+        assert row.generated == plain_greedy(pair.target.model, prompt, 5)
+
+
+def test_a_row_taken_out_while_its_prompt_is_read_leaves_the_rows_read_with_it_exact():
+    pair = load_pair("moe")
+    engine = Engine(pair, max_batch=4, prefill_step_size=16)
+    prompts = [prompt_of(40, seed=9), prompt_of(40, seed=10), prompt_of(40, seed=11)]
+    rows = [engine.add(GenerationRequest(p, max_tokens=6, draft_tokens=0)) for p in prompts]
+    engine.step()  # the three are read together, a chunk in
+    assert len(engine.reading) == 1 and len(engine.reading[0].rows) == 3
+    engine.remove(rows[1])
+    while engine.busy:
+        engine.step()
+    assert rows[1].generated == [] and not rows[1].conversation.busy
+    for i in (0, 2):
+        assert rows[i].generated == plain_greedy(pair.target.model, prompts[i], 6)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "64"])
+def test_a_bad_prefill_step_size_is_refused(value):
+    with pytest.raises(ValueError, match="prefill_step_size must be an integer >= 1"):
+        mlx_mtp.generate(load_pair("e2b"), [5, 6], max_tokens=2, prefill_step_size=value)

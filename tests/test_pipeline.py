@@ -15,8 +15,7 @@ import pytest
 
 import mlx_mtp
 import pipeline_run
-from conftest import FIXTURES, load_pair, plain_greedy, prompt_of
-from mlx_mtp.engine.scheduler import PREFILL_STEP
+from conftest import MLX_LM_PREFILL, FIXTURES, load_pair, plain_greedy, prompt_of
 from mlx_mtp.models.pipeline import PipelineError, layer_ranges, weight_bytes
 
 BIN = Path(sys.executable).parent
@@ -192,7 +191,7 @@ def test_serve_answers_as_one_process_and_rejects_bad_requests():
         again = client.completions.create(model=model, prompt=prompts[1], max_tokens=16, temperature=0)
         assert again.choices[0].text == texts[1]
         # A prompt past a prefill chunk (and a plan of many kilobytes to the other rank).
-        long = prompt_of(PREFILL_STEP + 40, seed=8)
+        long = prompt_of(MLX_LM_PREFILL + 40, seed=8)
         text = client.completions.create(model=model, prompt=long, max_tokens=8, temperature=0).choices[0].text
         assert text == mlx_mtp.generate(pair, long, max_tokens=8, num_draft_tokens=2).text
     finally:
@@ -235,7 +234,7 @@ def test_an_interrupt_ends_the_generation_after_the_round_under_way():
     import threading
 
     pair = load_pair("e2b")
-    prompt = prompt_of(PREFILL_STEP + 30, seed=4)  # read in two chunks first
+    prompt = prompt_of(MLX_LM_PREFILL + 30, seed=4)  # read in two chunks first
     full = mlx_mtp.generate(pair, prompt, max_tokens=20, num_draft_tokens=2)
     stop, chunks = threading.Event(), []
     for response in mlx_mtp.stream_generate(pair, prompt, max_tokens=20, num_draft_tokens=2, interrupt=stop):

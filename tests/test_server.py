@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +17,13 @@ import pytest
 from mlx_lm.sample_utils import make_logits_processors
 
 import mlx_mtp
-from conftest import FIXTURES, load_pair, plain_greedy, prompt_of
+from conftest import MLX_LM_PREFILL, FIXTURES, load_pair, plain_greedy, prompt_of
 from mlx_mtp.conversation import DIALOGUE_STOPS, render_dialogue
 from mlx_mtp.request import encode
 
 TARGET, DRAFTER = str(FIXTURES / "target_e2b"), str(FIXTURES / "drafter_sparse")
 K = 2  # the server's fixed draft length: seeded samples are then reproducible row by row
+PREFILL = 64  # the server's prefill step: a long prompt is read in many chunks
 
 
 def free_port() -> int:
@@ -36,11 +38,12 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--target", str(target),
                "--drafter", DRAFTER, "--port", str(self.port), *map(str, flags)]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        self.stderr = tempfile.NamedTemporaryFile("w+", suffix=".log")  # a file: a pipe nobody reads fills up
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.stderr, text=True,
                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
         deadline = time.time() + 60
         while time.time() < deadline:
-            assert self.process.poll() is None, self.process.stderr.read()
+            assert self.process.poll() is None, self.log()
             try:
                 if httpx.get(self.url + "/health").status_code == 200:
                     break
@@ -51,14 +54,25 @@ class Server:
     def health(self) -> dict:
         return httpx.get(self.url + "/health").json()
 
+    def idle(self, seconds: float = 20) -> dict:
+        """/health once no row decodes or is read and nothing waits (or `seconds` passed)."""
+        deadline = time.time() + seconds
+        while any(self.health()[k] for k in ("rows", "reading", "queued")) and time.time() < deadline:
+            time.sleep(0.05)
+        return self.health()
+
+    def log(self) -> str:
+        return open(self.stderr.name).read()
+
     def stop(self):
         self.process.terminate()
         self.process.wait(timeout=20)
+        self.stderr.close()
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--max-batch", 4, "--max-queue", 2, "--draft-tokens", K)
+    s = Server("--max-batch", 4, "--max-queue", 2, "--draft-tokens", K, "--prefill-step-size", PREFILL)
     yield s
     s.stop()
 
@@ -68,6 +82,11 @@ def pair():
     return load_pair("e2b")
 
 
+def solo(pair, prompt, **kwargs):
+    """`generate` at the module server's prefill step: what it gives one request alone."""
+    return mlx_mtp.generate(pair, prompt, prefill_step_size=PREFILL, **kwargs)
+
+
 def complete(server, prompt, **kwargs):
     kwargs.setdefault("temperature", 0.0)
     return server.client.completions.create(model=TARGET, prompt=prompt, **kwargs)
@@ -75,7 +94,7 @@ def complete(server, prompt, **kwargs):
 
 def test_greedy_completion_equals_generate_with_usage_and_stats(server, pair):
     out = complete(server, "Hello world", max_tokens=16)
-    expected = mlx_mtp.generate(pair, "Hello world", max_tokens=16, num_draft_tokens=K)
+    expected = solo(pair, "Hello world", max_tokens=16, num_draft_tokens=K)
     assert out.choices[0].text == expected.text
     assert out.usage.prompt_tokens == len(pair.tokenizer.encode("Hello world"))
     assert out.usage.completion_tokens == len(expected.tokens) == 16
@@ -88,20 +107,18 @@ def test_token_id_prompts_and_models_and_health(server, pair):
     ids = prompt_of(12, seed=3)
     out = complete(server, ids, max_tokens=10)
     assert out.usage.prompt_tokens == 12 and out.usage.completion_tokens == 10
-    expected = mlx_mtp.generate(pair, ids, max_tokens=10, num_draft_tokens=K)
+    expected = solo(pair, ids, max_tokens=10, num_draft_tokens=K)
     assert out.choices[0].text == expected.text
     assert [m.id for m in server.client.models.list().data] == [TARGET]
     assert server.health()["status"] == "ok"
 
 
 def test_a_prompt_longer_than_a_prefill_chunk_beside_a_short_one(server, pair):
-    from mlx_mtp.engine.scheduler import PREFILL_STEP
-
-    prompts = [prompt_of(PREFILL_STEP + 300, seed=12), prompt_of(4, seed=13)]
+    prompts = [prompt_of(MLX_LM_PREFILL + 300, seed=12), prompt_of(4, seed=13)]
     with ThreadPoolExecutor(2) as pool:
         outs = list(pool.map(lambda p: complete(server, p, max_tokens=12), prompts))
     for out, p in zip(outs, prompts):
-        assert out.choices[0].text == mlx_mtp.generate(pair, p, max_tokens=12, num_draft_tokens=K).text
+        assert out.choices[0].text == solo(pair, p, max_tokens=12, num_draft_tokens=K).text
         assert out.usage.prompt_tokens == len(p)
 
 
@@ -111,7 +128,7 @@ def test_concurrent_greedy_requests_each_equal_generate(server, pair):
     with ThreadPoolExecutor(6) as pool:
         outs = list(pool.map(lambda a: complete(server, a[0], max_tokens=a[1]), zip(prompts, lengths)))
     for out, p, n in zip(outs, prompts, lengths):
-        expected = mlx_mtp.generate(pair, p, max_tokens=n, num_draft_tokens=K)
+        expected = solo(pair, p, max_tokens=n, num_draft_tokens=K)
         assert expected.tokens == plain_greedy(pair.target.model, p, n, eos=pair.eos_ids)
         assert out.choices[0].text == expected.text and out.usage.completion_tokens == len(expected.tokens)
 
@@ -124,7 +141,7 @@ def test_seeded_samples_equal_generate_whatever_runs_beside_them(server, pair):
         outs = list(pool.map(lambda j: complete(server, j[0], max_tokens=20, temperature=j[2], seed=j[1]), jobs))
         [f.result() for f in neighbours]
     for out, (prompt, seed, temp) in zip(outs, jobs):
-        expected = mlx_mtp.generate(pair, prompt, max_tokens=20, temperature=temp, seed=seed, num_draft_tokens=K)
+        expected = solo(pair, prompt, max_tokens=20, temperature=temp, seed=seed, num_draft_tokens=K)
         assert out.choices[0].text == expected.text
 
 
@@ -143,13 +160,13 @@ def test_chat_uses_the_template_and_a_continued_conversation_reads_only_new_toke
     first = [{"role": "user", "content": "Hello there"}]
     reply = server.client.chat.completions.create(model=TARGET, messages=first, max_tokens=12, temperature=0)
     templated = pair.tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
-    assert reply.choices[0].message.content == mlx_mtp.generate(pair, templated, max_tokens=12,
+    assert reply.choices[0].message.content == solo(pair, templated, max_tokens=12,
                                                                 num_draft_tokens=K).text
     messages = first + [{"role": "assistant", "content": reply.choices[0].message.content},
                         {"role": "user", "content": "And then?"}]
     again = server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=12, temperature=0)
     whole = pair.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert again.choices[0].message.content == mlx_mtp.generate(pair, whole, max_tokens=12, num_draft_tokens=K).text
+    assert again.choices[0].message.content == solo(pair, whole, max_tokens=12, num_draft_tokens=K).text
     read = again.model_extra["mtp"]["prompt_tokens_read"]
     # The first turn's prompt is not read again (the reply is, from where its text re-encodes
     # to other ids than the ones generated: the kept conversation is rolled back to there).
@@ -166,7 +183,7 @@ def test_a_base_target_answers_chat_as_a_dialogue_and_stops_at_the_next_turn(tmp
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
     text = render_dialogue(messages)
     assert text.startswith("Be brief.\n\nUser: ") and text.endswith("\n\nUser: Hello\nAssistant:")
-    full = mlx_mtp.generate(pair, text, max_tokens=48, num_draft_tokens=K).text
+    full = solo(pair, text, max_tokens=48, num_draft_tokens=K).text
     ends = [i for i in (full.find(stop) for stop in DIALOGUE_STOPS) if i >= 0]
     server = Server("--draft-tokens", K, target=base)
     try:
@@ -183,15 +200,15 @@ def test_penalties_and_logit_bias_equal_generate_with_mlx_lm_processors(server, 
     fields = {"logit_bias": {"7": 3.0, "9": -100}, "repetition_penalty": 1.5, "frequency_penalty": 0.5}
     out = complete(server, prompt, max_tokens=20, extra_body=fields)
     processors = make_logits_processors({7: 3.0, 9: -100}, repetition_penalty=1.5, frequency_penalty=0.5)
-    expected = mlx_mtp.generate(pair, prompt, max_tokens=20, num_draft_tokens=K, logits_processors=processors)
+    expected = solo(pair, prompt, max_tokens=20, num_draft_tokens=K, logits_processors=processors)
     assert out.choices[0].text == expected.text
-    assert expected.tokens != mlx_mtp.generate(pair, prompt, max_tokens=20, num_draft_tokens=K).tokens
+    assert expected.tokens != solo(pair, prompt, max_tokens=20, num_draft_tokens=K).tokens
     assert 9 not in expected.tokens
 
 
 def test_stop_strings_end_the_text_before_them(server, pair):
     prompt = prompt_of(10, seed=11)
-    text = mlx_mtp.generate(pair, prompt, max_tokens=30, num_draft_tokens=K).text
+    text = solo(pair, prompt, max_tokens=30, num_draft_tokens=K).text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     cut = text[: text.index(stop)]
     out = complete(server, prompt, max_tokens=30, stop=[stop, "never appears"])
@@ -232,6 +249,7 @@ BAD = [
     ("completions", {"prompt": [5, -1, 7]}, "outside the vocabulary"),
     ("completions", {"prompt": [5, 2.5]}, "integers"),
     ("completions", {"prompt": "hi", "n": 2}, "n = 1"),
+    ("completions", {"prompt": ["a", "b"]}, "'prompt' holds 2 prompts; send one prompt per request"),
     ("completions", {"prompt": "hi", "stop": 5}, "stop"),
     ("completions", {"prompt": "x" * (5 * 1024 * 1024)}, "over"),
 ]
@@ -256,7 +274,7 @@ def test_a_client_that_disconnects_frees_its_row(server):
     deadline = time.time() + 20
     while server.health()["rows"] and time.time() < deadline:
         time.sleep(0.1)
-    assert server.health() == {"status": "ok", "rows": 0, "queued": 0}
+    assert server.health() == {"status": "ok", "rows": 0, "reading": 0, "queued": 0}
     assert complete(server, "Hello world", max_tokens=3).usage.completion_tokens == 3
 
 
@@ -322,3 +340,98 @@ def test_an_address_that_does_not_resolve_fails_in_one_line():
            "--host", "no.such.host.invalid"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr == "error: cannot serve on no.such.host.invalid:8080 (the address cannot be resolved)\n"
+
+
+NAN_FIELDS = ["temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "presence_penalty",
+              "frequency_penalty", "repetition_penalty", "repetition_context_size"]
+
+
+@pytest.mark.parametrize("path, field", [("completions", f) for f in NAN_FIELDS + ["logit_bias"]]
+                         + [("chat/completions", f) for f in NAN_FIELDS + ["logit_bias", "max_completion_tokens"]])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_in_every_field_get_400_with_a_request_id(server, path, field, value):
+    prompt = '"messages": [{"role": "user", "content": "hi"}]' if path.startswith("chat") else '"prompt": "hi"'
+    number = f'{{"100": {value}}}' if field == "logit_bias" else value
+    body = f'{{{prompt}, "{field}": {number}}}'.encode()
+    response = httpx.post(f"{server.url}/v1/{path}", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and ("finite" in error["message"] or "integer" in error["message"])
+    rid = response.headers["x-request-id"]
+    deadline = time.time() + 5
+    while rid not in server.log() and time.time() < deadline:
+        time.sleep(0.05)
+    assert f"{rid} POST /v1/{path} -> 400: {error['message']}" in server.log()
+
+
+def test_a_non_streaming_client_that_gives_up_frees_its_row_at_the_next_step(server):
+    body = {"model": TARGET, "prompt": "Once", "max_tokens": 4000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
+    assert server.idle() == {"status": "ok", "rows": 0, "reading": 0, "queued": 0}
+    left = [line for line in server.log().splitlines() if "cancelled: the client left after" in line]
+    assert left and int(left[-1].split(" after ")[1].split()[0]) < 4000
+    assert complete(server, "Hello world", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_client_that_leaves_while_its_long_prompt_is_read_frees_it(server, pair):
+    body = {"model": TARGET, "prompt": prompt_of(4000, seed=21), "max_tokens": 5, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+    assert server.idle() == {"status": "ok", "rows": 0, "reading": 0, "queued": 0}
+    assert "cancelled: the client left before its first token" in server.log()
+    # Nothing of it was kept: the same prompt again is read whole, and gives what it gives alone.
+    out = complete(server, prompt_of(4000, seed=21), max_tokens=5)
+    assert out.model_extra["mtp"]["prompt_tokens_read"] == 4000
+    assert out.choices[0].text == solo(pair, prompt_of(4000, seed=21), max_tokens=5, num_draft_tokens=K).text
+
+
+def test_streams_keep_flowing_while_a_long_prompt_is_read_and_stay_exact(server, pair):
+    """Each step reads one 64-id chunk of the long prompt beside the stream's round: the
+    stream commits in every step, so its chunks arrive while the prompt is read."""
+    short, long = prompt_of(5, seed=22), prompt_of(3500, seed=23)
+    arrivals, joined = [], []
+
+    def stream():
+        for chunk in complete(server, short, max_tokens=400, stream=True):
+            arrivals.append(time.perf_counter())
+            joined.append(chunk.choices[0].text)
+
+    with ThreadPoolExecutor(2) as pool:
+        streaming = pool.submit(stream)
+        while not arrivals:
+            time.sleep(0.01)
+        sent = time.perf_counter()
+        out = pool.submit(complete, server, long, max_tokens=6).result()
+        answered = time.perf_counter()
+        streaming.result()
+    during = [t for t in arrivals if sent < t < answered]
+    assert len(during) >= 3500 // PREFILL // 2  # (a stream of 400 tokens in rounds of up to 3)
+    assert "".join(joined) == solo(pair, short, max_tokens=400, num_draft_tokens=K).text
+    assert out.choices[0].text == solo(pair, long, max_tokens=6, num_draft_tokens=K).text
+
+
+def test_the_next_chat_turn_sent_at_once_after_a_stop_string_reads_only_new_tokens(server, pair):
+    first = [{"role": "user", "content": "Tell me more"}]
+    full = server.client.chat.completions.create(model=TARGET, messages=first, max_tokens=30, temperature=0)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    reply = server.client.chat.completions.create(model=TARGET, messages=first, max_tokens=30, temperature=0,
+                                                  stop=[stop])
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content == text[: text.index(stop)]
+    messages = first + [{"role": "assistant", "content": reply.choices[0].message.content},
+                        {"role": "user", "content": "Why?"}]
+    again = server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=5, temperature=0)
+    read = again.model_extra["mtp"]["prompt_tokens_read"]
+    assert 0 < read <= again.usage.prompt_tokens - reply.usage.prompt_tokens
+
+
+def test_a_reply_asked_for_more_than_the_cap_ends_at_the_cap():
+    server = Server("--max-tokens-cap", 7)
+    try:
+        out = server.client.completions.create(model=TARGET, prompt="Once", max_tokens=50, temperature=0)
+        assert out.usage.completion_tokens == 7 and out.choices[0].finish_reason == "length"
+        out = server.client.completions.create(model=TARGET, prompt="Once", max_tokens=3, temperature=0)
+        assert out.usage.completion_tokens == 3
+    finally:
+        server.stop()

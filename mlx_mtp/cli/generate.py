@@ -2,6 +2,7 @@
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,7 @@ import mlx_mtp
 
 from ..api import batch_generate
 from ..bench.runner import load_prompts
-from ..conversation import apply_template
+from ..conversation import render, stop_strings
 from ..engine.stats import Stats
 from . import app, fail, one_line_errors, options
 from .display import details, status, summary_line
@@ -33,7 +34,9 @@ def generate(
     draft_tokens: options.DraftTokensOption = None,
     no_draft: options.NoDraftOption = False,
     proposer: options.ProposerOption = "hybrid",
-    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user turn of the chat template.")] = False,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Send the prompt as a user turn, framed as `chat` frames it.")
+    ] = False,
     json_: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (text, ids, stats), one line per prompt.")
     ] = False,
@@ -58,8 +61,9 @@ def generate(
         fail("the prompt is empty")
     options.check_proposers([proposer])
     pair = options.pair_from_flags(model, target, drafter, verbose, proposer)
-    if chat:
-        prompts = [apply_template(pair, [{"role": "user", "content": p}]) for p in prompts]
+    if chat:  # the chat template, or for a base target the dialogue `chat` uses, with its stops
+        prompts = [render(pair, [{"role": "user", "content": p}]) for p in prompts]
+        request = replace(request, stop=request.stop + tuple(stop_strings(pair)))
     kwargs = {"request": request, "proposer": proposer}
     name = pair.name or target
 

@@ -5,6 +5,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..models.cache import MAX_DRAFT_TOKENS
+from ..serve.protocol import MAX_TOKENS_CAP
 from . import app, fail, one_line_errors
 from .display import status
 from .options import DrafterOption, ModelOption, TargetOption, VerboseOption, pair_from_flags
@@ -28,10 +29,22 @@ def serve(
     ] = "auto",
     api_key: Annotated[Optional[str], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY'.")] = None,
     cache_mb: Annotated[int, typer.Option("--cache-mb", min=0, help="Memory for kept conversations (MB).")] = 1024,
+    prefill_step_size: Annotated[
+        Optional[int],
+        typer.Option("--prefill-step-size", min=1,
+                     help="Prompt ids read per step beside the decoding rows. Default: measured on this machine."),
+    ] = None,
+    max_tokens_cap: Annotated[
+        Optional[int],
+        typer.Option("--max-tokens-cap", min=1,
+                     help=f"Most tokens of one reply; requests asking more end there. Default: {MAX_TOKENS_CAP} "
+                          "or the context, the smaller."),
+    ] = None,
     verbose: VerboseOption = False,
 ):
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from ..serve.app import serve as run_server
+    from ..serve.protocol import Settings
 
     k = None if draft_tokens == "auto" else int(draft_tokens) if draft_tokens.isdigit() else -1
     if k is not None and not 0 <= k <= MAX_DRAFT_TOKENS:
@@ -41,7 +54,8 @@ def serve(
     pair = pair_from_flags(model, target, drafter, verbose)
     name = pair.name or target
     ready = lambda: status(f"serving {name} at http://{host}:{port}/v1 (max batch {max_batch}); Ctrl-C stops")
+    settings = Settings(max_batch, max_queue, k, cache_mb * 1024 * 1024, prefill_step_size, max_tokens_cap, api_key)
     try:
-        run_server(pair, name, host, port, max_batch, max_queue, k, api_key, cache_mb, on_ready=ready)
+        run_server(pair, name, host, port, settings, on_ready=ready)
     except KeyboardInterrupt:
         status("stopped")

@@ -25,7 +25,12 @@ WINDOW = 32  # recent rounds that inform the acceptance estimate
 PRIOR = 4.0  # weight (in rounds) of the prior on each conditional acceptance: a few unlucky
 # rounds at the start must not switch drafting off
 PROBE_EVERY = 8  # after this many plain rounds, draft once to refresh the estimate
-COSTS_FORMAT = "v3"  # in the key of remembered costs: bumped when the forward's costs change
+COSTS_FORMAT = "v4"  # in the key of remembered costs: bumped when the forward's costs change
+# Prompt chunks are powers of two within these bounds: as large as a chunk may be whose
+# forward costs no more than a one-token forward (at a short context; at 8K positions a chunk
+# costs about twice that), so a prompt being read at most about triples the step time of the
+# rows decoding beside it (docs/serving.md).
+PREFILL_STEP_RANGE = (16, 2048)
 
 
 @dataclass
@@ -35,6 +40,8 @@ class Costs:
     # seconds for one token through plain mlx-lm's own forward and head, what a plain decoding
     # step costs (on the CPU the verify forward is cheaper, see cpu.py); None: not measured
     plain: Optional[float] = None
+    # prompt ids read per step (see PREFILL_STEP_RANGE); None: not measured (rows > 1)
+    prefill_step_size: Optional[int] = None
 
 
 class RoundTimes:
@@ -107,6 +114,7 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
                 c.trim_rows([1])
 
         plain = fastest_time(plain_step)
+    prefill = measure_prefill_step_size(target, cache, costs[0]) if rows == 1 else None
     draft = 0.0
     if pair.drafter is not None:
         positions = cache[0].positions
@@ -117,7 +125,31 @@ def measure_costs(pair, k_max: int, rows: int = 1, context: int = 128) -> Costs:
                            [SamplingParams()] * rows)
         drafter = MTPProposer(pair.drafter, target)
         draft = fastest_time(lambda: mx.eval(drafter.propose(ctx, 1).tokens))
-    return Costs(costs, draft, plain)
+    return Costs(costs, draft, plain, prefill)
+
+
+def measure_prefill_step_size(target, cache, forward: float) -> int:
+    """The largest power of two in PREFILL_STEP_RANGE whose prompt chunk, read after the
+    scratch cache's positions, costs at most `forward` seconds (one one-token forward)."""
+
+    def read(n):
+        def run():
+            mx.eval(target.hidden(mx.arange(5, 5 + n)[None], cache))
+            for c in cache:
+                c.trim_rows([n])
+
+        return run
+
+    low, high = PREFILL_STEP_RANGE
+    size = low
+    while size < high:
+        fits = fastest_time(read(2 * size), repeats=2) <= forward
+        if target.pipeline is not None:  # every rank measures as rank 0 decides
+            fits = bool(target.pipeline.agree([fits])[0])
+        if not fits:
+            break
+        size *= 2
+    return size
 
 
 def shape_key(pair, k_max: int, rows: int = 1) -> str:
@@ -148,9 +180,9 @@ def load_or_measure(pair, k_max: int, rows: int = 1, refresh: bool = False) -> C
         costs = measure_costs(pair, k_max, rows)
     else:  # (a pipeline rank without rank 0's file takes rank 0's values just below)
         costs = Costs(**known.get(key, {"target": [0.0] * (k_max + 1), "draft_step": 0.0}))
-    if pipeline is not None:  # every rank chooses K from rank 0's costs
-        values = pipeline.agree(costs.target + [costs.draft_step])
-        costs = Costs(values[:-1], values[-1])
+    if pipeline is not None:  # every rank chooses K and reads prompts as rank 0 does
+        values = pipeline.agree(costs.target + [costs.draft_step, costs.prefill_step_size or 0])
+        costs = Costs(values[:-2], values[-2], None, int(values[-1]) or None)
     if measure and (pipeline is None or pipeline.last):
         known[key] = asdict(costs)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +205,7 @@ class CostModel:
         self.measured: Dict[int, Costs] = {}  # rows (a power of two) -> Costs
         self.stale: set = set()  # row counts to measure again
         self.round_times = RoundTimes()
+        self._prefill_step_size: Optional[int] = None
 
     @classmethod
     def of(cls, pair) -> "CostModel":
@@ -191,6 +224,14 @@ class CostModel:
             return self.measured[b]
 
         return interpolate_costs(measured, rows)
+
+    def prefill_step_size(self) -> int:
+        """Prompt ids an engine reads per step, from the one-row costs: fixed for the life
+        of this model (measuring again must not move where prompts are cut: that would
+        change the output of a long prompt)."""
+        if self._prefill_step_size is None:
+            self._prefill_step_size = self.for_rows(1).prefill_step_size or PREFILL_STEP_RANGE[1]
+        return self._prefill_step_size
 
     def observe_round(self, costs: Costs, k: int, drafter: bool, seconds: float):
         """A round whose K was chosen from `costs` drafted k tokens (with drafter steps or

@@ -71,8 +71,6 @@ class Row:
         self.conversation = conversation
         self.tokens = list(conversation.tokens)  # committed ids; tokens[-1] has no KV yet
         self.carry = conversation.carry  # [1, 1, H] hidden state that produced tokens[-1]
-        self.cache = [c.copy() for c in conversation.cache] if conversation.cache else None  # while reading
-        self.read = 0  # prompt ids read so far
         self.key = key  # None for greedy rows
         self.max_tokens = max_tokens  # the request's, or what the context leaves
         self.at_context = at_context
@@ -125,3 +123,36 @@ class Row:
         if stopped:
             self.finish_reason = "stop"
         return text
+
+
+class Reading:
+    """Rows whose prompts are being read together, a chunk per forward, into a cache of
+    their own: one row (continuing its conversation's cache, on a copy), or new rows of one
+    prompt length (every row at the same positions: no padding)."""
+
+    def __init__(self, rows: List[Row], target):
+        self.rows = rows
+        conversation = rows[0].conversation.cache
+        self.cache = [c.copy() for c in conversation] if conversation else target.make_cache(len(rows))
+        self.read = 0  # prompt ids read so far, per row
+
+    @property
+    def left(self) -> int:
+        return len(self.rows[0].prompt) - self.read
+
+    def read_chunk(self, target, n: int):
+        """Read the next n prompt ids of every row (lazily); a row that continues a
+        conversation reads its pending newest id first."""
+        pending = self.rows[0].tokens[-1:] if self.read == 0 else []
+        chunk = [pending + row.prompt[self.read : self.read + n] for row in self.rows]
+        hidden = target.hidden(mx.array(chunk), self.cache)  # [R, n (+1), H]
+        self.read += n
+        if not self.left:
+            for i, row in enumerate(self.rows):
+                row.carry = hidden[i : i + 1, -1:]
+
+    def drop(self, row: Row):
+        keep = [i for i, r in enumerate(self.rows) if r is not row]
+        for c in self.cache:
+            c.keep_rows(keep)
+        self.rows = [self.rows[i] for i in keep]

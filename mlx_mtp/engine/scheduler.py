@@ -10,13 +10,19 @@ stats and text. `generate` is one row, `batch_generate` many, the server one per
         for update in engine.step():  # text and ids committed this step, per row
             ...
 
-Each step first runs one round (`round.run_round`) for the live rows, then reads waiting
-prompts, each on its own cache in chunks (at most PREFILL_STEP ids a step), so no other row
-is disturbed. A row whose prompt is read commits its first token and joins the next round;
-a finished row leaves at once, and hands its conversation back to its `PromptCache`.
+Each step first runs one round (`round.run_round`) for the live rows, then reads prompt
+chunks of the rows waiting to join, on caches of their own, so no other row is disturbed.
+A prompt is cut into chunks of `prefill_step_size` ids from its start, whatever else runs
+(the cut changes the floating-point sums, so it must not depend on the load); each step
+reads chunks of the rows being read in turn, up to `prefill_step_size` ids in all and at
+least one chunk. So a long prompt adds at most one chunk's time to each decoding step, and
+a short prompt behind it is read at the next step, not after it (turns, not arrival order,
+share the prefill). A row whose prompt is read commits its first token and joins the next
+round; a finished row leaves at once, and hands its conversation back to its `PromptCache`.
 
 What a row guarantees:
-- greedy rows give exactly their solo greedy output, whatever shares the batch;
+- greedy rows give exactly their solo greedy output, whatever shares the batch (at the
+  same prefill_step_size);
 - a sampled row draws only from its own key, split per round: at a fixed K, a row seeded s
   gives exactly the tokens of a solo run seeded s, whatever shares the batch and whenever
   it joined (with K chosen per round, K depends on the batch and only the distribution is
@@ -38,21 +44,22 @@ from ..decoding.round import round_keys, run_round
 from ..decoding.sampling import Proposal, accept, group_rows
 from ..request import NO_LIMIT, GenerationRequest, RowText, check_vocabulary, is_int
 from .costs import Costs, CostModel, choose_k
-from .rows import PromptCache, Row, Update
+from .rows import PromptCache, Reading, Row, Update
 from .stats import BatchStats
-
-PREFILL_STEP = 2048  # prompt ids read per step, in one forward
 
 
 class Engine:
     """Rows of one pair, decoded together. proposer: who drafts for every row (a name, see
     `make_proposer`, or a Proposer). costs: what rounds cost, for choosing K (default: the
-    pair's one cost model in this process)."""
+    pair's one cost model in this process). prefill_step_size: prompt ids read per step, and
+    the chunk a prompt is cut into (default: the cost model's, from measured forwards)."""
 
     def __init__(self, pair, max_batch: int = 8, proposer: Union[str, Proposer] = "hybrid",
-                 costs: Optional[CostModel] = None):
+                 costs: Optional[CostModel] = None, prefill_step_size: Optional[int] = None):
         if not is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if prefill_step_size is not None and (not is_int(prefill_step_size) or prefill_step_size < 1):
+            raise ValueError(f"prefill_step_size must be an integer >= 1, got {prefill_step_size!r}")
         self.pair = pair
         self.max_batch = max_batch
         if isinstance(proposer, str):
@@ -61,9 +68,11 @@ class Engine:
             raise ValueError(f"proposer must be a name or a Proposer, got {type(proposer).__name__}")
         self.proposer = proposer
         self.costs = costs if costs is not None else CostModel.of(pair)
+        self._prefill_step_size = prefill_step_size
         self.rows: List[Row] = []  # live rows, in the batch cache's row order
         self.cache: Optional[list] = None  # per cached layer: BatchCache of the live rows
-        self.waiting: deque = deque()  # rows whose prompt is still being read
+        self.waiting: deque = deque()  # rows not yet being read
+        self.reading: deque = deque()  # Readings under way, the next to read a chunk first
         self.stats = BatchStats()
         # Set (e.g. by Ctrl-C) to end every live row after the next round. In a pipeline
         # rank 0's is the one that counts: it travels with the round's decision.
@@ -71,7 +80,13 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self.reading)
+
+    @property
+    def prefill_step_size(self) -> int:
+        if self._prefill_step_size is None:  # measured on first use, like the costs of rounds
+            self._prefill_step_size = self.costs.prefill_step_size()
+        return self._prefill_step_size
 
     def add(self, request: GenerationRequest, prompt_cache: Optional[PromptCache] = None) -> Row:
         """Queue a row for `request` (its prompt read after the prompt cache's
@@ -102,14 +117,21 @@ class Engine:
 
     def remove(self, row: Row):
         """Take a row out now (finished or not), handing back its conversation."""
+        reading = next((r for r in self.reading if row in r.rows), None)
+        if row in self.rows:
+            return self._leave([row])
         if row in self.waiting:
             self.waiting.remove(row)
-            row.conversation.busy = False
-        elif row in self.rows:
-            self._leave([row])
+        elif reading is not None:
+            reading.drop(row)
+            if not reading.rows:
+                self.reading.remove(reading)
+        else:
+            return  # gone already
+        row.conversation.busy = False
 
     def step(self) -> List[Update]:
-        """One round for the live rows, then up to PREFILL_STEP prompt ids of waiting rows."""
+        """One round for the live rows, then prompt chunks of waiting rows."""
         updates = []
         if not self.rows and self.costs.stale:  # no stream under way: this pause delays first tokens only
             self.costs.remeasure_stale()
@@ -123,68 +145,56 @@ class Engine:
         return updates
 
     def _prefill(self, tic: float) -> List[Update]:
-        """Read waiting prompts, in order, up to PREFILL_STEP ids and the free slots; rows
-        whose prompt is read commit their first token and join. New rows without a
-        conversation are read together, those of one length in one forward; a row that
-        continues a conversation, or whose prompt is over what is left of the budget, is
-        read on its own cache, a chunk a step."""
-        budget, together, alone = PREFILL_STEP, [], []  # alone: tuples of one row, as groups
-        row = None  # the row being read alone
+        """Read chunks of the prompts being read, one Reading after another, up to
+        prefill_step_size ids (at least one chunk); rows whose prompt is read commit their
+        first token and join."""
+        self._start_reading(tic)
+        step = budget = self.prefill_step_size
+        touched, done = [], []
         try:
-            while self.waiting and budget > 0 and len(self.rows) + len(together) + len(alone) < self.max_batch:
-                row = self.waiting[0]
-                if not row.stats.prompt_time:
-                    row.stats.prompt_time = -tic  # until its first token
-                if not row.tokens and row.read == 0 and len(row.prompt) <= budget:
-                    together.append(self.waiting.popleft())
-                    budget -= len(row.prompt)
-                    continue
-                budget -= self._read(row, budget)
-                if row.read < len(row.prompt):
-                    mx.eval([c.keys for c in row.cache])  # one chunk at a time
-                    break
-                alone.append((self.waiting.popleft(),))
-            row = None
-            return self._first_tokens(alone + self._read_together(together))
+            for reading in list(self.reading):
+                n = min(step, reading.left)
+                if n > budget:
+                    continue  # (never the first chunk: n <= step) its turn stays
+                touched.append(reading)
+                reading.read_chunk(self.pair.target, n)
+                budget -= n
+                self.reading.remove(reading)  # its turn is over
+                if reading.left:
+                    self.reading.append(reading)
+                else:
+                    done.append(reading)
+            mx.eval([c.keys for r in self.reading for c in r.cache])  # chunks of prompts not done
+            return self._first_tokens(done)
         except BaseException:
-            for r in together + [group[0] for group in alone] + ([row] if row is not None else []):
-                self.remove(r)  # dropped: its conversation as it was
-                r.conversation.busy = False
+            for reading in touched:  # dropped: their conversations as they were
+                for row in list(reading.rows):
+                    self.remove(row)
             raise
 
-    def _read(self, row: Row, budget: int) -> int:
-        """Read up to `budget` more prompt ids of a waiting row, on its own cache (lazily)."""
-        target = self.pair.target
-        if row.cache is None:
-            row.cache = target.make_cache()
-        # The pending token of an earlier turn is read first.
-        pending = row.tokens[-1:] if row.tokens and row.read == 0 else []
-        n = min(budget, len(row.prompt) - row.read)
-        hidden = target.hidden(mx.array(pending + row.prompt[row.read : row.read + n])[None], row.cache)
-        row.read += n
-        row.carry = hidden[:, -1:]
-        return n
+    def _start_reading(self, tic: float):
+        """Waiting rows start being read, in order, while the batch has slots. A row that
+        continues a conversation is read on a copy of its cache; new rows of one prompt
+        length waiting together are read together, in one forward per chunk."""
+        slots = self.max_batch - len(self.rows) - sum(len(r.rows) for r in self.reading)
+        while self.waiting and slots > 0:
+            first = self.waiting.popleft()
+            rows = [first]
+            if not first.tokens:
+                rows += [r for r in self.waiting if not r.tokens and len(r.prompt) == len(first.prompt)][: slots - 1]
+                for row in rows[1:]:
+                    self.waiting.remove(row)
+            for row in rows:
+                row.stats.prompt_time = -tic  # until its first token
+            self.reading.append(Reading(rows, self.pair.target))
+            slots -= len(rows)
 
-    def _read_together(self, rows: List[Row]) -> List[tuple]:
-        """Read new rows' prompts, those of one length in one forward (no padding: every
-        row of the forward is at the same positions). Returns the groups."""
-        groups = []
-        for _, index in group_rows([len(r.prompt) for r in rows]):
-            group = tuple(rows[i] for i in index)
-            cache = self.pair.target.make_cache(len(group))
-            hidden = self.pair.target.hidden(mx.array([r.prompt for r in group]), cache)
-            for i, row in enumerate(group):
-                row.read, row.carry = len(row.prompt), hidden[i : i + 1, -1:]
-            group[0].cache = cache  # the group's rows join together
-            groups.append(group)
-        return groups
-
-    def _first_tokens(self, groups: List[tuple]) -> List[Update]:
-        """The token after each prompt (one evaluation for all); each group of rows read
-        together joins the batch, and rows that token finished leave it at once."""
+    def _first_tokens(self, readings: List[Reading]) -> List[Update]:
+        """The token after each prompt (one evaluation for all); each Reading's rows join
+        the batch, and rows that token finished leave it at once."""
         tokens = []
         pipeline = self.pair.target.pipeline
-        for group in groups:
+        for group in (r.rows for r in readings):
             # A round that drafts nothing: the same rule and the same keys as a round's last token.
             carry = mx.concatenate([r.carry for r in group])
             logits = self.pair.target.logits(carry)  # [G, 1, V]
@@ -197,10 +207,10 @@ class Engine:
                 ids = pipeline.share(ids.astype(mx.int32), after=carry)
                 mx.async_eval(ids)
             tokens.append(ids)
-        mx.eval(tokens, [r.carry for group in groups for r in group])
+        mx.eval(tokens, [r.carry for reading in readings for r in reading.rows])
         updates, finished = [], []
-        for group, ids in zip(groups, tokens):
-            for row, token in zip(group, ids.tolist()):
+        for reading, ids in zip(readings, tokens):
+            for row, token in zip(reading.rows, ids.tolist()):
                 row.tokens += row.prompt
                 row.started = time.perf_counter()
                 row.stats.prompt_time += row.started
@@ -208,21 +218,20 @@ class Engine:
                 updates.append(Update(row, [token], text, row.finish_reason))
                 if row.finish_reason:
                     finished.append(row)
-            self._join(group)
+            self._join(reading)
         self.stats.generation_tokens += len(updates)
         if finished:
             self._leave(finished)
         return updates
 
-    def _join(self, rows: tuple):
-        """Rows read together (their cache held by the first) join the batch."""
+    def _join(self, reading: Reading):
+        """Rows read together join the batch, with their cache."""
         if self.cache is None:
-            self.cache = rows[0].cache
+            self.cache = reading.cache
         else:
-            for mine, theirs in zip(self.cache, rows[0].cache):
+            for mine, theirs in zip(self.cache, reading.cache):
                 mine.extend(theirs)
-        rows[0].cache = None
-        self.rows += rows
+        self.rows += reading.rows
 
     def _leave(self, rows: List[Row]):
         """Rows free their slots at once; each hands back its conversation."""

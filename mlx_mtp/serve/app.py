@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from typing import List, Optional
 
 from sse_starlette.sse import EventSourceResponse
@@ -24,36 +25,52 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.concurrency import run_in_threadpool
 
 from ..checkpoints.pair import Pair
 from ..conversation import stop_strings
 from .follower import follow
-from .protocol import BadRequest, Reply, chat_prompt, completion_prompt, parse_body, parse_request, parse_stream
+from .protocol import (BadRequest, Reply, Settings, chat_prompt, completion_prompt, parse_body, parse_request,
+                       parse_stream)
 from .worker import Job, Worker
 
 logger = logging.getLogger(__name__)
 
 
-def error_response(e: BadRequest, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+def request_id(request: Request) -> str:
+    if not hasattr(request.state, "id"):
+        request.state.id = uuid.uuid4().hex
+    return request.state.id
+
+
+def error_response(request: Request, e: BadRequest, headers: Optional[dict] = None) -> JSONResponse:
+    """An error in OpenAI's shape, logged with the request's id."""
+    rid = request_id(request)
+    where = f"{rid} {request.method} {request.url.path} -> {e.status}"
+    if e.status >= 500:
+        logger.error("%s: %s", where, e, exc_info=e.__cause__)
+    else:
+        logger.warning("%s: %s", where, e)
+    return JSONResponse(e.body(), status_code=e.status, headers={**(headers or {}), "x-request-id": rid})
 
 
 async def bad_request(request: Request, e: BadRequest) -> JSONResponse:
-    return error_response(e)
+    return error_response(request, e)
 
 
 async def http_error(request: Request, e: HTTPException) -> JSONResponse:
     """Routing's errors (no such path, a method the path does not take) in OpenAI's shape."""
-    return error_response(BadRequest(f"{e.detail}: {request.method} {request.url.path}", status=e.status_code),
-                          e.headers)
+    return error_response(request, BadRequest(f"{e.detail}: {request.method} {request.url.path}",
+                                              status=e.status_code), e.headers)
 
 
 async def server_error(request: Request, e: Exception) -> JSONResponse:
     """Anything else is a bug: its traceback goes to the log, not to the client."""
-    logger.error("%s %s failed", request.method, request.url.path, exc_info=e)
-    return error_response(BadRequest("internal server error", status=500, kind="server_error"))
+    error = BadRequest("internal server error", status=500, kind="server_error")
+    error.__cause__ = e
+    return error_response(request, error)
 
 
 class RequireKey:
@@ -65,40 +82,49 @@ class RequireKey:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health" and \
                 Headers(scope=scope).get("authorization") != f"Bearer {self.key}":
-            response = error_response(BadRequest("invalid API key", status=401, kind="authentication_error"))
-            return await response(scope, receive, send)
+            error = BadRequest("invalid API key", status=401, kind="authentication_error")
+            return await error_response(Request(scope), error)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str] = None) -> Starlette:
+def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -> Starlette:
     context = pair.target.max_positions
     created = int(time.time())
 
-    async def generate(request: Request, chat: bool):
-        body = parse_body(await request.body(), model_name)
+    def prepare(raw: bytes, chat: bool):
+        """The request's job and reply, from its body (CPU work: run off the event loop)."""
+        body = parse_body(raw, model_name)
         # a base target's chat reply ends where it starts the next turn
-        settings = parse_request(body, context, pair.target.vocab_size, worker.draft_tokens,
-                                 stop_strings(pair) if chat else [])
+        request = parse_request(body, context, pair.target.vocab_size, settings, stop_strings(pair) if chat else [])
         stream = parse_stream(body)
         ids = chat_prompt(pair, body) if chat else completion_prompt(pair, body)
         if context and len(ids) >= context:
             raise BadRequest(f"the prompt has {len(ids)} tokens but the context is {context}",
                              "messages" if chat else "prompt")
-        job = Job(settings.with_prompt(ids), asyncio.get_running_loop(), asyncio.Queue(),
-                  settings={k: v for k, v in body.items() if k not in ("messages", "prompt")})
+        return request.with_prompt(ids), stream, {k: v for k, v in body.items() if k not in ("messages", "prompt")}
+
+    async def generate(request: Request, chat: bool):
+        rid = request_id(request)
+        generation, stream, body = await run_in_threadpool(prepare, await request.body(), chat)
+        job = Job(generation, asyncio.get_running_loop(), asyncio.Queue(), rid, settings=body)
         if not worker.submit(job):
             raise BadRequest("too many requests: the batch and the queue are full, retry later",
                              status=429, kind="rate_limit_error")
-        reply = Reply(chat, model_name, len(ids))
-        if stream:
-            return EventSourceResponse(chunks(job, reply), ping=600)
-        parts = []
+        reply = Reply(chat, model_name, len(generation.prompt), rid)
+        headers = {"x-request-id": rid}
+        if stream:  # (sse-starlette ends the stream, and so the job, when the client leaves)
+            return EventSourceResponse(chunks(job, reply), ping=600, headers=headers)
+        watch = asyncio.ensure_future(leave_on_disconnect(request, job))
+        parts, finish = [], None
         try:
             async for text, finish, tokens, stats in job.updates():
                 parts.append(text)
         finally:
             job.cancelled = True  # the handler is gone (done, or the client left)
-        return JSONResponse(reply.whole("".join(parts), finish, tokens, stats))
+            watch.cancel()
+        if finish is None:  # the client left: nobody reads this
+            return Response(status_code=499)
+        return JSONResponse(reply.whole("".join(parts), finish, tokens, stats), headers=headers)
 
     async def models(request: Request):
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-mtp"}
@@ -114,9 +140,17 @@ def build_app(pair: Pair, worker: Worker, model_name: str, api_key: Optional[str
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
         ],
-        middleware=[Middleware(RequireKey, key=api_key)] if api_key else [],
+        middleware=[Middleware(RequireKey, key=settings.api_key)] if settings.api_key else [],
         exception_handlers={BadRequest: bad_request, HTTPException: http_error, Exception: server_error},
     )
+
+
+async def leave_on_disconnect(request: Request, job: Job):
+    """A non-streaming request's client may leave while its row decodes: its body is read,
+    so the next message uvicorn delivers is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.leave()
 
 
 async def chunks(job: Job, reply: Reply):
@@ -155,20 +189,25 @@ def listen(host: str, port: int) -> List[socket.socket]:
     return sockets
 
 
-def serve(pair: Pair, model_name: str, host: str, port: int, max_batch: int, max_queue: int,
-          draft_tokens: Optional[int], api_key: Optional[str], cache_mb: int, on_ready=None):
+def serve(pair: Pair, model_name: str, host: str, port: int, settings: Settings, on_ready=None):
     """Serve until interrupted: HTTP in a thread of its own, the engine in this one. In a
     pipeline, only rank 0 serves; the other ranks follow it."""
     import uvicorn
 
     if pair.target.pipeline is not None and not pair.target.pipeline.last:
-        return follow(pair, max_batch, draft_tokens)
+        return follow(pair, settings)
 
     sockets = listen(host, port)
-    worker = Worker(pair, max_batch, max_queue, draft_tokens, cache_mb * 1024 * 1024)
-    app = build_app(pair, worker, model_name, api_key)
+    log = logging.getLogger("mlx_mtp.serve")
+    if not log.handlers:  # error replies and cancelled requests, one line each, on stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    worker = Worker(pair, settings)
+    app = build_app(pair, worker, model_name, settings)
     # uvicorn logs nothing: startup errors reach the user as one line of ours (`listen`),
-    # a failed request as a log line of `server_error`.
+    # each error reply as a log line of `error_response`.
     server = uvicorn.Server(uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1))
     http = threading.Thread(target=server.run, args=(sockets,), daemon=True, name="http")
     http.start()

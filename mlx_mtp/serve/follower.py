@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 from ..checkpoints.pair import Pair
 from ..engine.rows import PromptCache
 from ..engine.scheduler import Engine
-from .protocol import parse_request
+from .protocol import Settings, parse_request
 
 
 class Op:
@@ -39,11 +39,11 @@ class AddRow(Op):
 
 @dataclass
 class FinishRow(Op):
-    """Job `job`'s row ended: its conversation is kept as `key`, and kept conversations
-    `dropped` go to make room."""
+    """Job `job`'s row ended: its conversation is kept as `key` (if any), and kept
+    conversations `dropped` go to make room."""
 
     job: int
-    key: int
+    key: Optional[int]  # None: not kept (nothing was read)
     dropped: List[int]
 
 
@@ -68,9 +68,9 @@ def receive_plan(pipeline) -> Tuple[List[Op], bool]:
     return [Op.from_json(op) for op in plan["ops"]], plan["stop"]
 
 
-def follow(pair: Pair, max_batch: int, draft_tokens: Optional[int]):
+def follow(pair: Pair, settings: Settings):
     """Do what rank 0 did, step when it steps, until it stops."""
-    engine = Engine(pair, max_batch=max_batch)
+    engine = Engine(pair, max_batch=settings.max_batch, prefill_step_size=settings.prefill_step_size)
     context = pair.target.max_positions
     rows, kept = {}, {}  # rank 0's job -> row; rank 0's key -> kept conversation
     while True:
@@ -83,13 +83,14 @@ def follow(pair: Pair, max_batch: int, draft_tokens: Optional[int]):
                     conv.rewind(op.taken_tokens)
                 # the stop strings come whole in `stops` (the server's own ones too)
                 request = parse_request({**op.settings, "stop": None}, context, pair.target.vocab_size,
-                                        draft_tokens, op.stops)
+                                        settings, op.stops)
                 rows[op.job] = engine.add(request.with_prompt(op.prompt[len(conv.tokens):]), conv)
                 continue
             if isinstance(op, FinishRow):
                 row = rows.pop(op.job)
                 engine.remove(row)
-                kept[op.key] = row.conversation
+                if op.key is not None:
+                    kept[op.key] = row.conversation
             for key in op.dropped:
                 kept.pop(key, None)
         if stop:

@@ -4,7 +4,6 @@ and the shapes of the replies. Nothing here touches HTTP or MLX."""
 import json
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -16,6 +15,26 @@ from ..decoding.sampling import SamplingParams
 from ..request import GenerationRequest, check_vocabulary, encode
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_TOKENS_CAP = 8192  # the default bound on one reply, when the context is longer
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the operator set (`mlx-mtp serve`'s flags), the same on every rank."""
+
+    max_batch: int = 8  # rows decoded together
+    max_queue: int = 32  # requests waiting for a row; past it, HTTP 429
+    draft_tokens: Optional[int] = None  # K of every round, or None: chosen each round
+    cache_bytes: int = 1 << 30  # target cache of kept conversations
+    prefill_step_size: Optional[int] = None  # None: the engine's measured default
+    max_tokens_cap: Optional[int] = None  # None: MAX_TOKENS_CAP or the context, the smaller
+    api_key: Optional[str] = None
+
+    def cap(self, context: Optional[int]) -> int:
+        """The most tokens one reply may have."""
+        if self.max_tokens_cap is not None:
+            return self.max_tokens_cap
+        return min(MAX_TOKENS_CAP, context) if context else MAX_TOKENS_CAP
 
 
 class BadRequest(ValueError):
@@ -81,12 +100,13 @@ def parse_processors(body: dict, vocab_size: int) -> list:
     )
 
 
-def parse_request(body: dict, context: Optional[int], vocab_size: int, draft_tokens: Optional[int],
+def parse_request(body: dict, context: Optional[int], vocab_size: int, settings: Settings,
                   own_stops: List[str] = ()) -> GenerationRequest:
-    """The request's settings (no prompt yet), checked; `own_stops`: the server's stop strings."""
+    """The request's settings (no prompt yet), checked; `own_stops`: the server's stop
+    strings. A reply asked for more tokens than the server's cap ends at the cap ("length")."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _number({param: max_tokens}, param, 256, int, low=1, high=context)
+    max_tokens = min(_number({param: max_tokens}, param, 256, int, low=1, high=context), settings.cap(context))
     temperature = _number(body, "temperature", 1.0, low=0)
     top_p = _number(body, "top_p", 1.0, low=0, high=1)  # 0: off, as in mlx-lm
     top_k = _number(body, "top_k", 0, int, low=0)
@@ -100,10 +120,11 @@ def parse_request(body: dict, context: Optional[int], vocab_size: int, draft_tok
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    processors = parse_processors(body, vocab_size)
     try:
-        params = SamplingParams(temperature, top_p, top_k, min_p, parse_processors(body, vocab_size))
-        return GenerationRequest((), params, max_tokens, seed if seed is None else seed % 2**32, draft_tokens,
-                                 tuple(stop) + tuple(own_stops))
+        params = SamplingParams(temperature, top_p, top_k, min_p, processors)
+        return GenerationRequest((), params, max_tokens, seed if seed is None else seed % 2**32,
+                                 settings.draft_tokens, tuple(stop) + tuple(own_stops))
     except ValueError as e:
         raise BadRequest(str(e)) from None
 
@@ -117,7 +138,9 @@ def parse_stream(body: dict) -> bool:
 
 def completion_prompt(pair: Pair, body: dict) -> List[int]:
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > 1:
+            raise BadRequest(f"'prompt' holds {len(prompt)} prompts; send one prompt per request", "prompt")
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         if not prompt:
@@ -178,10 +201,11 @@ class Reply:
     chat: bool
     model: str
     prompt_tokens: int  # all of the prompt, also the part a kept conversation had read
+    request_id: str  # the server's id of the request, in its log lines too
     id: str = field(init=False)
 
     def __post_init__(self):
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
 
     def whole(self, text: str, finish: str, tokens: int, stats) -> dict:
         return self._envelope([self._choice(text, finish, "message")], False, usage=self._usage(tokens),

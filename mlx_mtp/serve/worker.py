@@ -4,6 +4,7 @@ rounds, and hands each request the text its row committed. Finished conversation
 continues it and reads only its new ids."""
 
 import asyncio
+import logging
 import queue
 import threading
 from collections import OrderedDict
@@ -17,7 +18,9 @@ from ..engine.rows import PromptCache
 from ..engine.scheduler import Engine
 from ..request import GenerationRequest
 from .follower import AddRow, DropKept, FinishRow, send_plan
-from .protocol import BadRequest
+from .protocol import BadRequest, Settings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,16 +30,24 @@ class Job:
     request: GenerationRequest  # all of the prompt, also what a kept conversation has
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    id: str = ""  # the request's, for log lines
     row: object = None
-    cancelled: bool = False
+    cancelled: bool = False  # set by the handler: the worker drops the row at its next step
     settings: dict = field(default_factory=dict)  # the request's settings, for the other ranks
+
+    def leave(self):
+        """The client is gone: drop the row, and end `updates` now."""
+        self.cancelled = True
+        self.events.put_nowait(("gone",))
 
     async def updates(self):
         """(text, finish reason, completion tokens so far, stats) as the row commits; raises
-        the worker's BadRequest."""
+        the worker's BadRequest; ends early if the client left."""
         tokens = 0
         while True:
             event = await self.events.get()
+            if event[0] == "gone":
+                return
             if event[0] == "error":
                 raise event[1]
             _, new, text, finish, stats = event
@@ -84,14 +95,13 @@ class Worker:
     made them): admits jobs, steps the engine, publishes updates. Past `max_batch` live rows,
     jobs wait in a queue of `max_queue`; past that, `submit` refuses them."""
 
-    def __init__(self, pair: Pair, max_batch: int, max_queue: int, draft_tokens: Optional[int], cache_bytes: int):
+    def __init__(self, pair: Pair, settings: Settings):
         self.pair = pair
-        self.engine = Engine(pair, max_batch=max_batch)
-        self.draft_tokens = draft_tokens
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.engine = Engine(pair, max_batch=settings.max_batch, prefill_step_size=settings.prefill_step_size)
+        self.max_batch, self.max_queue = settings.max_batch, settings.max_queue
         self.inbox: "queue.Queue[Job]" = queue.Queue()
         self.jobs: List[Job] = []  # admitted to the engine
-        self.conversations = Conversations(cache_bytes)
+        self.conversations = Conversations(settings.cache_bytes)
         self.lock = threading.Lock()  # guards `queued`
         self.queued = 0  # jobs submitted and not finished
         self.stopping = False
@@ -118,6 +128,9 @@ class Worker:
     def _serve_step(self):
         self._admit(block=not self.engine.busy)
         for job in [j for j in self.jobs if j.cancelled]:
+            row = job.row
+            done = f"after {len(row.generated)} of {row.max_tokens} tokens" if row.generated else "before its first token"
+            logger.info("%s cancelled: the client left %s", job.id, done)
             self._finish(job, None)
         if self.pipeline is not None:
             plan, self.plan = self.plan, []
@@ -163,9 +176,11 @@ class Worker:
     def _finish(self, job: Job, error: Optional[Exception]):
         self.engine.remove(job.row)
         self.jobs.remove(job)
-        dropped = self.conversations.keep(job.row.conversation)
+        conv = job.row.conversation
+        kept = bool(conv.tokens)  # (not a new conversation left before its prompt was read)
+        dropped = self.conversations.keep(conv) if kept else []
         if self.pipeline is not None:
-            self.plan.append(FinishRow(id(job), id(job.row.conversation), dropped))
+            self.plan.append(FinishRow(id(job), id(conv) if kept else None, dropped))
         self._done(job)
         if error is not None:
             self._send(job, ("error", BadRequest(f"generation failed: {error}", status=500, kind="server_error")))
@@ -179,6 +194,7 @@ class Worker:
         job.loop.call_soon_threadsafe(job.events.put_nowait, event)
 
     def status(self) -> dict:
-        """Rows decoding, and requests waiting for one (read from the HTTP thread)."""
-        rows = len(self.engine.rows)
-        return {"rows": rows, "queued": self.queued - rows}
+        """Rows decoding, rows whose prompts are being read, and requests waiting for a
+        row (read from the HTTP thread)."""
+        rows, reading = len(self.engine.rows), sum(len(r.rows) for r in list(self.engine.reading))
+        return {"rows": rows, "reading": reading, "queued": self.queued - rows - reading}
