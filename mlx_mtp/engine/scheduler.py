@@ -170,6 +170,7 @@ class Engine:
             for reading in touched:  # dropped: their conversations as they were
                 for row in list(reading.rows):
                     self.remove(row)
+                    row.conversation.busy = False  # (also if its reading was done: no longer listed)
             raise
 
     def _start_reading(self, tic: float):
