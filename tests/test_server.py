@@ -316,6 +316,21 @@ def test_bad_serve_flags_fail_in_one_line(flags, message):
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and message in result.stderr
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prefill-step-size", "0"], "'--prefill-step-size': Input should be greater than or equal to 1"),
+        (["--prefill-step-size", "nan"], "'--prefill-step-size': Input should be a valid integer"),
+        (["--max-tokens-cap", "-1"], "'--max-tokens-cap': Input should be greater than or equal to 1"),
+        (["--max-tokens-cap", "nan"], "'--max-tokens-cap': Input should be a valid integer"),
+    ],
+)
+def test_bad_scheduling_flags_are_usage_errors_in_one_line(flags, message):
+    cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--target", TARGET, *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
 def test_a_port_in_use_fails_in_one_line(server):
     cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--target", TARGET,
            "--port", str(server.port)]

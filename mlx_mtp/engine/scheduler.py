@@ -16,7 +16,7 @@ A prompt is cut into chunks of `prefill_step_size` ids from its start, whatever 
 (the cut changes the floating-point sums, so it must not depend on the load); each step
 reads chunks of the rows being read in turn, up to `prefill_step_size` ids in all and at
 least one chunk. So a long prompt adds at most one chunk's time to each decoding step, and
-a short prompt behind it is read at the next step, not after it (turns, not arrival order,
+a short prompt behind it is read at its first turn, not after it (turns, not arrival order,
 share the prefill). A row whose prompt is read commits its first token and joins the next
 round; a finished row leaves at once, and hands its conversation back to its `PromptCache`.
 
@@ -41,7 +41,7 @@ import mlx.core as mx
 
 from ..decoding.proposers import Proposer, make_proposer
 from ..decoding.round import round_keys, run_round
-from ..decoding.sampling import Proposal, accept, group_rows
+from ..decoding.sampling import Proposal, accept
 from ..request import NO_LIMIT, GenerationRequest, RowText, check_vocabulary, is_int
 from .costs import Costs, CostModel, choose_k
 from .rows import PromptCache, Reading, Row, Update

@@ -21,13 +21,13 @@ from typing import List, Optional
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.concurrency import run_in_threadpool
 
 from ..checkpoints.pair import Pair
 from ..conversation import stop_strings
@@ -92,7 +92,8 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
     created = int(time.time())
 
     def prepare(raw: bytes, chat: bool):
-        """The request's job and reply, from its body (CPU work: run off the event loop)."""
+        """The request, whether to stream, and its settings for the other ranks, from the
+        body (parsing, template, tokenizer: CPU work, run off the event loop)."""
         body = parse_body(raw, model_name)
         # a base target's chat reply ends where it starts the next turn
         request = parse_request(body, context, pair.target.vocab_size, settings, stop_strings(pair) if chat else [])
