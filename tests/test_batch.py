@@ -75,3 +75,48 @@ def test_batched_text_prompts_and_batch_stats():
         assert r.tokens == mlx_mtp.generate(pair, prompt, max_tokens=8, num_draft_tokens=2).tokens
         assert r.text == pair.tokenizer.decode([t for t in r.tokens if t not in pair.eos_ids])
     assert results.stats.generation_tokens == sum(len(r.tokens) for r in results)
+
+
+def test_a_long_row_does_not_make_the_rows_beside_it_keep_its_positions():
+    """Sliding layers drop what each row has moved past, row by row: a row 100 windows in
+    leaves the short row beside it with a short buffer, and both give their solo output."""
+    from mlx_mtp import Engine, GenerationRequest
+
+    pair = load_pair("e2b")
+    prompts = [prompt_of(100 * WINDOW, seed=3), prompt_of(5, seed=4)]
+    lengths = [3 * WINDOW, 50 * WINDOW]  # the short row decodes while the long one is read
+    expected = [plain_greedy(pair.target.model, p, n) for p, n in zip(prompts, lengths)]
+    engine = Engine(pair, max_batch=2)
+    rows = [engine.add(GenerationRequest(p, max_tokens=n, draft_tokens=2)) for p, n in zip(prompts, lengths)]
+    while engine.waiting or engine.reading:
+        engine.step()
+    assert engine.rows == rows[::-1]  # the short row joined first
+    sliding = [c for c in engine.cache if c.window is not None]
+    assert sliding and all(c.starts[1] > 0 and c.starts[0] == 0 for c in sliding)
+    assert all(c.used < 50 * WINDOW and c.keys.shape[2] < 100 * WINDOW for c in sliding)
+    assert all(c.starts == [0, 0] and c.used >= 100 * WINDOW for c in engine.cache if c.window is None)
+    while engine.busy:
+        engine.step()
+    assert [r.generated for r in rows] == expected
+
+
+def test_seeded_rows_far_apart_draw_their_solo_tokens_with_the_drafter():
+    """The drafter reads each row's sliding KV from that row's own start: seeded sampling
+    with its drafts gives every row its solo tokens."""
+    from mlx_mtp import Engine, GenerationRequest, SamplingParams
+
+    pair = load_pair("e2b")
+    prompts = [prompt_of(100 * WINDOW, seed=5), prompt_of(6, seed=6)]
+    lengths = [3 * WINDOW, 50 * WINDOW]
+
+    def run(indices):
+        engine = Engine(pair, max_batch=2, proposer="mtp")
+        rows = [engine.add(GenerationRequest(prompts[i], SamplingParams(1.0), max_tokens=lengths[i], seed=i,
+                                             draft_tokens=2)) for i in indices]
+        while engine.busy:
+            engine.step()
+        return [(r.generated, r.stats.accepted) for r in rows]
+
+    together = run([0, 1])
+    assert together == run([0]) + run([1])
+    assert sum(map(sum, (accepted for _, accepted in together))) > 0

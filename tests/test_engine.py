@@ -305,21 +305,34 @@ def test_rows_keep_to_their_own_positions_in_a_shared_cache():
         return c
 
     a, b = filled(40, 1.0), filled(3, 2.0)
-    assert a.start == 0 and a.positions == [40]
+    assert a.starts == [0] and a.positions == [40]
     a.update_and_fetch(mx.full((1, 1, 300, 2), 1.0), mx.full((1, 1, 300, 2), 1.0))
-    assert a.start == 40 - 4 - 2  # only positions no query and no rollback can reach were dropped
+    assert a.starts == [40 - 4 - 2]  # only positions no query and no rollback can reach were dropped
     with pytest.raises(RuntimeError):
         a.trim_rows([340 - 33])  # back past what the sliding layer still holds
-    a.extend(b)  # a short row joins a long one: the buffer reaches back to its positions
-    assert a.positions == [340, 3] and a.start == 0
+    a.extend(b)  # a short row joins a long one: each keeps its own start, no row grows
+    assert a.positions == [340, 3] and a.starts == [34, 0] and a.keys.shape[2] == 306 + BatchCache.step
     keys, _ = a.keys_and_values()
-    assert keys[1, 0, :3, 0].tolist() == [2.0] * 3 and keys[0, 0, 330:340, 0].tolist() == [1.0] * 10
+    assert keys[1, 0, :3, 0].tolist() == [2.0] * 3 and keys[0, 0, 296:306, 0].tolist() == [1.0] * 10
     mask = a.make_mask(1)  # each row sees its own last `window` positions
     assert mask[0, 0, 0].tolist().count(True) == 4 and mask[1, 0, 0, :4].tolist() == [True] * 4
+    assert mask[0, 0, 0, 303:307].tolist() == [True] * 4
+    new = mx.array([3.0, 4.0]).reshape(2, 1, 1, 1) * mx.ones((2, 1, 1, 2))
+    a.update_and_fetch(new, new)  # rows not in step: each writes at its own slot
+    keys, _ = a.keys_and_values()
+    assert keys[0, 0, 306, 0].item() == 3.0 and keys[1, 0, 3, 0].item() == 4.0
+    room = a.keys.shape[2]  # a chunk that needs room: each row drops what it moved past
+    a.update_and_fetch(mx.zeros((2, 1, room, 2)), mx.zeros((2, 1, room, 2)))
+    assert a.starts == [341 - 4 - 2, 0] and a.positions == [341 + room, 4 + room]
+    keys, _ = a.keys_and_values()
+    assert keys[0, 0, :6, 0].tolist() == [1.0] * 5 + [3.0] and keys[1, 0, :4, 0].tolist() == [2.0] * 3 + [4.0]
+    a.trim_rows([room, room])
     short = a.extract(1)
-    assert short.positions == [3] and short.keys.shape[2] == 3
-    a.keep_rows([0])
-    assert a.positions == [340] and a.keys.shape[0] == 1
+    assert short.positions == [4] and short.keys.shape[2] == 4 and short.starts == [0]
+    long = a.extract(0)
+    assert long.positions == [341] and long.starts == [341 - 4 - 2] and long.keys[0, 0, :, 0].tolist()[-1] == 3.0
+    a.keep_rows([1])
+    assert a.positions == [4] and a.starts == [0] and a.keys.shape[0] == 1
 
 
 @pytest.mark.parametrize("name", ["temperature", "top_p", "min_p"])

@@ -109,8 +109,9 @@ class Drafter(nn.Module):
     def masks(self, shared_kv: dict, position) -> dict:
         """Masks built from positions. Full layers see the target positions before the
         query, sliding layers only the last W + 1 of them. shared_kv: kind -> (keys,
-        values, first position); position: int, or [B] when rows are at different
-        positions (their buffers may then hold entries past a row's own position)."""
+        values, first position); position and first position: ints for one row, else [B]
+        (rows at their own positions: their buffers may hold entries past a row's own
+        position, and start at positions of their own)."""
         out = {}
         window = self.text_args.sliding_window + DRAFTER_SLIDING_EXTRA
         for kind, (keys, _, first) in shared_kv.items():
@@ -120,7 +121,7 @@ class Drafter(nn.Module):
                     continue
                 out[kind] = mx.arange(first, first + keys.shape[2]) >= position - window
                 continue
-            k_pos = mx.arange(first, first + keys.shape[2])[None]  # [1, S]
+            k_pos = first[:, None] + mx.arange(keys.shape[2])[None]  # [B, S]
             q_pos = position[:, None]  # [B, 1]
             visible = k_pos < q_pos
             if kind == SLIDING:
