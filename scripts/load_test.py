@@ -2,8 +2,10 @@
 
 Starts a server (this checkout, or the one at --source, e.g. an older commit in a git
 worktree), measures one stream alone, then replays, bounded in requests and time:
-- two streams that keep going until the long prompt is answered, then leave, and a chat turn;
-- a long prompt (--long ids, default 8192) and a medium one (--medium, 4096);
+- two streams that keep going until 10 s after the long prompt is answered, then leave, and
+  a chat turn;
+- a long prompt (--long ids, default 8192; streamed, so its first token marks the end of
+  its read) and a medium one (--medium, 4096);
 - a short request sent just behind the long prompt;
 - a non-streaming client that gives up after 2 s and retries with a small request;
 - bad requests (NaN, a string for a number).
@@ -12,7 +14,9 @@ Streams that leave early count one token per chunk (a chunk carries one or more)
 
 Reported: per request its time to first token and total time; the gaps between the
 streamed chunks of the chats while the long prompt is read (p50/p95/max, against the
-stream's solo step); aggregate completion tokens/s; and the rows still decoding or read
+stream's solo step and the two streams' own gaps in the 10 s after it, when nothing is
+read: a stream drafts more tokens a round where its text repeats, so its rounds, and its
+gaps, grow over its text); aggregate completion tokens/s; and the rows still decoding or read
 once every client has finished or left (must be 0).
 
     python scripts/load_test.py --json-out new.json
@@ -32,6 +36,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+AFTER = 10.0  # seconds the streams go on alone once the long prompt is answered
 
 WORDS = ("the river ran past an old mill where a miller kept bees and counted the sacks of grain "
          "each autumn while children played by the water and the wheel turned slowly").split()
@@ -110,7 +116,8 @@ def start_server(args, port: int, log) -> subprocess.Popen:
         env["PYTHONPATH"] = str(Path(args.source).resolve())
     cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--port", str(port),
            "--max-batch", "8", *(["-m", args.model] if args.model else []), *args.server_arg]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    # (cwd: `python -c` puts it first on sys.path, before PYTHONPATH)
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=args.source or None)
     deadline = time.time() + 600  # a first run converts the embedded target
     while time.time() < deadline:
         if process.poll() is not None:
@@ -145,11 +152,12 @@ def main():
     parser.add_argument("--long", type=int, default=8192, help="Words of the long prompt.")
     parser.add_argument("--medium", type=int, default=4096, help="Words of the medium prompt.")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--server-log", type=Path, help="Keep the server's log (its stderr) in this file.")
     args = parser.parse_args()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+    log = open(args.server_log, "w+") if args.server_log else tempfile.NamedTemporaryFile("w+", suffix=".log")
     server = start_server(args, port, log)
     try:
         Client("warm-up", url, {"prompt": text_of(40, 0), "max_tokens": 8, "temperature": 0}).run()
@@ -165,7 +173,7 @@ def main():
         chats = [completion(f"stream {i}", 30, 10 + i, 4000, stream=True) for i in range(2)]
         chat = Client("chat turn", url, {"messages": [{"role": "user", "content": "What is a mill?"}],
                                          "max_tokens": 32, "temperature": 0}, path="chat/completions")
-        long = completion("long prompt", args.long, 2, 16)
+        long = completion("long prompt", args.long, 2, 16, stream=True)  # streamed: its first token ends the read
         short = completion("short behind long", 12, 3, 16)
         medium = completion("medium prompt", args.medium, 4, 16)
         quitter = completion("gives up after 2 s", 20, 5, 3000)
@@ -182,8 +190,8 @@ def main():
             threads.append(threading.Thread(target=go))
             threads[-1].start()
 
-        for chat in chats:
-            at(0, chat.run)
+        for stream in chats:
+            at(0, stream.run)
         at(2, long.run)
         at(3, short.run)
         at(3.5, chat.run)
@@ -193,6 +201,7 @@ def main():
             at(6 + i, b.run)
         while long.done is None:
             time.sleep(0.2)
+        time.sleep(AFTER)  # the streams alone again, at the same point of their text
         for stream in chats:
             stream.leave.set()
         for t in threads:
@@ -200,17 +209,23 @@ def main():
         wall = time.perf_counter() - t0
         time.sleep(1.0)  # the engine's next steps drop what clients left
         health = httpx.get(f"{url}/health").json()
+        if health.get("rows", 0) + health.get("reading", 0):
+            log.seek(0)
+            print("rows still running 1 s after every client left; the server's log ends:\n"
+                  + "".join(log.readlines()[-15:]), file=sys.stderr)
     finally:
         server.terminate()
         server.wait(timeout=30)
 
     everyone = chats + [long, short, chat, medium, quitter, retry] + bad
     reading = gaps_within(chats, long.sent, long.first or long.done)
+    after = gaps_within(chats, long.done, long.done + AFTER)  # the two streams alone
     result = {
         "server": args.source or "this checkout",
         "server_args": args.server_arg,
         "solo_step_s": round(solo_step, 3),
         "requests": [c.report(t0) for c in everyone],
+        "gaps_after_long_prompt_s": {"count": len(after), "p50": percentile(after, 0.5), "max": max(after, default=None)},
         "gaps_while_long_prompt_read_s": {
             "count": len(reading),
             "p50": percentile(reading, 0.5), "p95": percentile(reading, 0.95), "max": max(reading, default=None)},
@@ -229,6 +244,9 @@ def main():
         print(f"stream gaps while the long prompt is read: {g['count']} gaps, p50 {g['p50'] * 1000:.0f} ms, "
               f"p95 {g['p95'] * 1000:.0f} ms, max {g['max'] * 1000:.0f} ms "
               f"({g['max'] / solo_step:.1f}x the solo step)")
+    if after:
+        print(f"stream gaps in the {AFTER:.0f} s after it (nothing read): p50 {percentile(after, 0.5) * 1000:.0f} ms, "
+              f"max {max(after) * 1000:.0f} ms; the max gap while reading is {g['max'] / percentile(after, 0.5):.1f}x that p50")
     print(f"short behind long: {short.done - short.sent:.1f} s vs the long prompt's {long.done - long.sent:.1f} s")
     print(f"aggregate {result['aggregate_tokens_per_s']} tokens/s over {result['wall_s']} s; "
           f"rows left after their clients left: {result['rows_left_after_clients_left']}")
