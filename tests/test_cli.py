@@ -56,7 +56,21 @@ def test_generate_streams_the_text_and_a_summary_line():
     assert result.exit_code == 0, result.output
     expected = mlx_mtp.generate(load_pair("e2b"), "Hello world", max_tokens=12)
     assert result.stdout == expected.text + "\n"
-    assert result.stderr.startswith("12 tokens, ") and "acceptance" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("12 tokens, ") and "acceptance" in result.stderr
+
+
+def test_a_first_run_says_it_measures_costs_before_reading_the_prompt_and_only_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_MTP_HOME", str(tmp_path))
+    first = generate_json("Hello world", *PAIR, "-n", 4)
+    result = run("generate", "Hello world", *PAIR, "-n", 4)
+    assert result.exit_code == 0, result.output
+    assert "Measuring what forwards of this pair cost" not in result.stderr  # measured once, kept
+    fresh = tmp_path / "again"
+    monkeypatch.setenv("MLX_MTP_HOME", str(fresh))
+    result = run("generate", "Hello world", *PAIR, "-n", 4)
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Measuring what forwards of this pair cost on this machine") and len(lines) == 2
+    assert (fresh / "costs.json").exists() and first["tokens"] == generate_json("Hello world", *PAIR, "-n", 4)["tokens"]
 
 
 def test_generate_json_is_one_object_with_ids_and_stats():
@@ -612,3 +626,13 @@ def test_bad_proposers_fail_in_one_line(prompts_file):
     assert "needs a drafter" in one_line_error(run("generate", "Hi", "--target", TARGET, "--proposer", "mtp"))
     assert "--proposer needs one of" in one_line_error(run("bench", *PAIR, "--proposer", ","))
     assert "bench needs --max-tokens >= 1" in one_line_error(run("bench", *PAIR, "--prompts", prompts_file, "-n", -1))
+
+
+def test_bench_quick_runs_the_first_prompt_of_each_set_once(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("bench", *PAIR, "--quick", "-n", 4, "--ignore-chat-template", "--json-out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    kinds = list(bench.load_prompts())
+    assert sorted((r["kind"], r["prompt"]) for r in report["runs"]) == sorted((k, 0) for k in kinds)
+    assert report["config"]["repeats"] == 1

@@ -46,6 +46,9 @@ def bench(
         typer.Option("--draft-tokens", help="Draft lengths, comma-separated, e.g. auto,2,4 (auto: chosen each round)."),
     ] = "auto",
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Runs of each prompt and setting.")] = 3,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A first look: the first prompt of each set, one run each (--repeats 1).")
+    ] = False,
     batch: Annotated[
         Optional[str],
         typer.Option("--batch", help="Batch sizes, e.g. 1,4,8: B prompts at once, against mlx-lm's batch_generate."),
@@ -78,6 +81,9 @@ def bench(
         fail("bench compares with plain mlx-lm in one process: run it without mlx.launch "
              "(generate --json gives a sharded run's speed)")
     prompt_sets = load_prompts(prompts)
+    if quick:
+        prompt_sets = {kind: texts[:1] for kind, texts in prompt_sets.items()}
+        repeats = 1
     pair = options.pair_from_flags(model, target, drafter, verbose)
     if pair.drafter is None:
         fail("bench compares against a drafter: pass --drafter with --target")
@@ -86,6 +92,7 @@ def bench(
     template = pair.chat == TEMPLATE and not ignore_chat_template
     if template:
         apply_template(pair, [{"role": "user", "content": "hi"}])  # no template: say so before any run
+    options.measure_costs_once(pair)
     tasks = plan(pair, prompt_sets, temperatures, ks or [None], repeats, batches, proposers, template)
     runs = []
     err = Console(stderr=True, highlight=False)

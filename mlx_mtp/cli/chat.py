@@ -83,6 +83,7 @@ def chat(
     pair = options.pair_from_flags(model_name or model, target, drafter, verbose, proposer)
     conversation = Conversation(pair)
     render(pair, [{"role": "user", "content": "hi"}])  # no chat template: fail now, not at turn 1
+    options.measure_costs_once(pair)
     kwargs = {"request": request, "proposer": proposer}
     console = Console(highlight=False, soft_wrap=True)
     for line in banner(pair, target):

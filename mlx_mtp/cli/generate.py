@@ -64,6 +64,7 @@ def generate(
     if chat:  # the chat template, or for a base target the dialogue `chat` uses, with its stops
         prompts = [render(pair, [{"role": "user", "content": p}]) for p in prompts]
         request = replace(request, stop=request.stop + tuple(stop_strings(pair)))
+    options.measure_costs_once(pair)
     kwargs = {"request": request, "proposer": proposer}
     name = pair.name or target
 

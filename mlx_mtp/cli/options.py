@@ -12,6 +12,7 @@ from ..checkpoints import registry
 from ..checkpoints.pair import Pair
 from ..decoding.proposers import PROPOSERS, make_proposer
 from ..decoding.sampling import SamplingParams
+from ..engine.costs import CostModel, costs_known
 from ..models import blas
 from ..request import GenerationRequest
 from . import fail
@@ -67,6 +68,15 @@ def check_proposers(names: List[str]):
     for name in names:
         if name not in PROPOSERS:
             fail(f"--proposer must be one of {', '.join(PROPOSERS)}, got {name!r}")
+
+
+def measure_costs_once(pair: Pair):
+    """Measure what this pair's forwards cost here (remembered: a first use only), saying
+    so: before the first prompt, whose timings must not count it."""
+    if pair.target.pipeline is None and not costs_known(pair):
+        status("Measuring what forwards of this pair cost on this machine, to choose draft lengths "
+               "(first use only, about ten seconds)")
+        CostModel.of(pair).for_rows(1)
 
 
 def pair_from_flags(model: Optional[str], target: Optional[str], drafter: Optional[str], verbose: bool,

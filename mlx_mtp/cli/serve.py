@@ -8,7 +8,7 @@ from ..models.cache import MAX_DRAFT_TOKENS
 from ..serve.protocol import MAX_TOKENS_CAP
 from . import app, fail, one_line_errors
 from .display import status
-from .options import DrafterOption, ModelOption, TargetOption, VerboseOption, pair_from_flags
+from .options import DrafterOption, ModelOption, TargetOption, VerboseOption, measure_costs_once, pair_from_flags
 
 
 @app.command()
@@ -52,6 +52,7 @@ def serve(
     if max_batch < 1 or not 0 < port < 65536:
         fail("--max-batch must be >= 1 and --port in 1..65535")
     pair = pair_from_flags(model, target, drafter, verbose)
+    measure_costs_once(pair)  # (not at the first request)
     name = pair.name or target
     ready = lambda: status(f"serving {name} at http://{host}:{port}/v1 (max batch {max_batch}); Ctrl-C stops")
     settings = Settings(max_batch, max_queue, k, cache_mb * 1024 * 1024, prefill_step_size, max_tokens_cap, api_key)

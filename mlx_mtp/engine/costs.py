@@ -165,6 +165,12 @@ def shape_key(pair, k_max: int, rows: int = 1) -> str:
     return "/".join(map(str, parts))
 
 
+def costs_known(pair, rows: int = 1) -> bool:
+    """Whether this machine has measured the pair's costs for `rows` rows before."""
+    path = cache_home() / "costs.json"
+    return path.exists() and shape_key(pair, pair.default_draft_tokens, rows) in json.loads(path.read_text())
+
+
 def load_or_measure(pair, k_max: int, rows: int = 1, refresh: bool = False) -> Costs:
     """Measured costs, remembered on disk: the same machine and shapes give the same K
     choices, so seeded sampling repeats across runs. `refresh` measures again (the bench
