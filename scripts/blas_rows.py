@@ -8,9 +8,11 @@ time should hardly grow with n. For the target's head (262144 x 640 fp32, 671 MB
 18 MLP matrices of the embedded target's layers (2048 x 640 each), it prints the fastest of
 `--repeats` runs, and the read speed of W that the time stands for, of:
 
-- `mlx (W @ x.T).T`: the product the verify forward runs (cpu.py), with MLX's BLAS (MKL
-  when `cpu-fast` is installed, see blas.py);
+- `mlx (W @ x.T).T`: the product the verify forward ran everywhere before it measured, with
+  MLX's BLAS (MKL when `cpu-fast` is installed, see blas.py);
 - `mlx x @ W.T`: mlx-lm's own orientation;
+- `mlx chosen`: what the verify forward runs now: the way `products.measure` found fastest
+  for this shape and n on this machine (its name in the last column);
 - `numpy W @ x.T` and `numpy n gemv`: numpy's BLAS (OpenBLAS in the PyPI wheels) as one
   product, and as one matrix-vector product per row (W read n times).
 """
@@ -21,7 +23,8 @@ import mlx_mtp  # noqa: F401  (before mlx: loads MKL on Linux)
 import mlx.core as mx
 import numpy as np
 
-from mlx_mtp.models import blas
+from mlx_mtp.models import blas, products
+from mlx_mtp.models.products import product
 from mlx_mtp.engine.costs import fastest_time
 
 
@@ -33,6 +36,7 @@ def products(weights, rows):
     return {
         "mlx (W @ x.T).T": lambda n: lambda: mx.eval([(w @ mx_x[n].T).T for w in mx_w]),
         "mlx x @ W.T": lambda n: lambda: mx.eval([mx_x[n] @ w.T for w in mx_w]),
+        "mlx chosen": lambda n: lambda: mx.eval([product(mx_x[n], w) for w in mx_w]),
         "numpy W @ x.T": lambda n: lambda: [w @ xs[n].T for w in weights],
         "numpy n gemv": lambda n: lambda: [[w @ row for row in xs[n]] for w in weights],
     }
@@ -67,14 +71,16 @@ def main():
     shapes = {"head 262144 x 640": [(262144, 640)], "18 x MLP 2048 x 640": [(2048, 640)] * 18}
     for label, shape_list in shapes.items():
         weights = [rng.standard_normal(s, dtype=np.float32) for s in shape_list]
+        products.use(products.measure({shape_list[0]: mx.array(weights[0])}))
         megabytes = sum(w.nbytes for w in weights) / 1e6
         print(f"\n{label} ({megabytes:.0f} MB): ms (GB/s of W read once)")
         # One product at a time over every n: OpenBLAS's threads spin for a while after a call
         # and would slow down an MLX product timed right after a numpy one.
         times = {name: [fastest_time(make(n), repeats) * 1e3 for n in rows] for name, make in products(weights, rows).items()}
-        print(f"{'n':>3}" + "".join(f"{name:>22}" for name in times))
+        print(f"{'n':>3}" + "".join(f"{name:>22}" for name in times) + "  chosen")
         for i, n in enumerate(rows):
-            print(f"{n:>3}" + "".join(f"{t[i]:>13.1f} ({megabytes / t[i]:>4.0f})" for t in times.values()))
+            print(f"{n:>3}" + "".join(f"{t[i]:>13.1f} ({megabytes / t[i]:>4.0f})" for t in times.values())
+                  + f"  {products.way_for(shape_list[0], n)}")
 
 if __name__ == "__main__":
     main()

@@ -592,7 +592,9 @@ def test_bench_compares_proposers_on_plain_text_with_the_cost_curve_and_bound(pr
     assert set(mtp["by_source"]) == {"mtp"}  # the drafter alone
     costs = report["costs"]
     assert len(costs["target"]) == 5 and costs["draft_step"] > 0 and costs["plain"] > 0
-    assert "plain mlx-lm: " in result.stdout
+    assert report["target_vs_plain"] == pytest.approx([t / costs["plain"] for t in costs["target"]])
+    ratios = " ".join(f"{r:.2f}" for r in report["target_vs_plain"])
+    assert f"T(n)/P: {ratios}" in " ".join(result.stdout.split())
     runs = [r for r in report["runs"] if r["proposer"] == "mtp"]
     spent = sum(costs["target"][len(d)] + len(d) * costs["draft_step"] for r in runs for d in r["mtp"]["drafts"])
     committed = sum(sum(r["mtp"]["committed"]) for r in runs)

@@ -17,7 +17,8 @@ from mlx_lm.models import gemma3_text
 from mlx.utils import tree_map
 
 from mlx_mtp.models import cpu
-from mlx_mtp.models.cpu import ColumnLinear, column_product, for_cpu
+from mlx_mtp.models import products
+from mlx_mtp.models.cpu import MeasuredLinear, for_cpu
 from mlx_mtp.engine.scheduler import Engine
 from mlx_mtp.models.target import Target
 from mlx_mtp.engine.costs import CostModel, Costs, RoundTimes, speedup_bound
@@ -29,7 +30,7 @@ def test_the_verify_forward_shares_weights_and_leaves_mlx_lm_model_unchanged(nam
     target = load_pair(name).target
     assert target.cpu_kernels  # on the CPU
     ours, theirs = target.decoder.layers[0].self_attn.q_proj, target.lm.model.layers[0].self_attn.q_proj
-    assert type(ours) is ColumnLinear and type(theirs) is nn.Linear
+    assert type(ours) is MeasuredLinear and type(theirs) is nn.Linear
     assert ours.weight is theirs.weight  # no copy of any weight
     ours, theirs = target.decoder.layers[0], target.lm.model.layers[0]
     assert type(ours.input_layernorm) is cpu.CompiledRMSNorm and type(theirs.input_layernorm) is nn.RMSNorm
@@ -88,21 +89,23 @@ def test_compiled_norms_and_rope_give_the_same_bits(name, monkeypatch):
 
 def test_a_lone_row_is_repeated_for_the_product_and_keeps_its_bits():
     weight = mx.random.normal((4096, 64))
-    x = mx.random.normal((1, 1, 64))
-    one = column_product(x, weight)
-    two = column_product(x, weight, rows_at_least=2)
-    assert two.shape == (1, 1, 4096) and mx.array_equal(one, two)
+    x = mx.random.normal((1, 64))
+    one = products.compute("column", x, weight)
+    two = products.compute("column2", x, weight)
+    assert two.shape == (1, 4096) and mx.array_equal(one, two)
     assert mx.allclose(two, x @ weight.T, atol=1e-4)
-    rows = mx.random.normal((3, 64))  # already enough rows: unchanged
-    assert mx.array_equal(column_product(rows, weight, rows_at_least=2), column_product(rows, weight))
+    rows = mx.random.normal((3, 64))  # more than one row: the plain column product
+    assert mx.array_equal(products.compute("column2", rows, weight), products.compute("column", rows, weight))
 
 
-def test_column_linear_with_bias_equals_linear():
+@pytest.mark.parametrize("way", products.WAYS)
+def test_a_measured_linear_with_bias_equals_linear_whichever_way_runs(way, monkeypatch):
     linear = nn.Linear(6, 4, bias=True)
     x = mx.random.normal((2, 3, 6))
-    column = for_cpu(linear)
-    assert type(column) is ColumnLinear and type(linear) is nn.Linear
-    assert mx.allclose(column(x), linear(x), atol=1e-6)
+    measured = for_cpu(linear)
+    assert type(measured) is MeasuredLinear and type(linear) is nn.Linear
+    monkeypatch.setattr(products, "_chosen", {(4, 6): [way] * len(products.ROW_COUNTS)})
+    assert mx.allclose(measured(x), linear(x), atol=1e-6)
 
 
 def test_per_row_clustered_head_equals_one_batched_gather():
@@ -115,7 +118,7 @@ def test_per_row_clustered_head_equals_one_batched_gather():
     assert mx.allclose(out.logits, (rows @ h[:, :, None])[..., 0], atol=1e-5)
 
 
-def test_long_verify_stays_exact_with_column_products():
+def test_long_verify_stays_exact_with_measured_products():
     # 16 drafts a round: a 17-token verify forward, past any small-M kernel switch.
     pair = load_pair("31b")
     prompt = prompt_of(40, seed=3)

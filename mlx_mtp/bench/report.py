@@ -103,6 +103,8 @@ def report(pair: Pair, runs: List[Run], config: dict) -> dict:
         # step; for one row (what the bounds use and auto K chooses from), and by batch size.
         "costs": asdict(costs[1]) if 1 in costs else None,
         "costs_by_batch": {b: asdict(c) for b, c in sorted(costs.items())},
+        # T(n) / P: a forward over n tokens against one plain mlx-lm step, n = 1, 2, ...
+        "target_vs_plain": [t / costs[1].plain for t in costs[1].target] if 1 in costs and costs[1].plain else None,
         "machine": machine_info(),
     }
 
@@ -133,7 +135,10 @@ def bench_tables(result: dict) -> List[Table]:
     if costs:
         curve = " ".join(f"{t * 1000:.0f}" for t in costs["target"])
         caption = f"target forward over 1..{len(costs['target'])} tokens: {curve} ms; drafter step {costs['draft_step'] * 1000:.1f} ms"
-        plain = f"plain mlx-lm: {costs['plain'] * 1000:.0f} ms a token; " if costs.get("plain") else ""
+        plain = ""
+        if result.get("target_vs_plain"):
+            ratios = " ".join(f"{r:.2f}" for r in result["target_vs_plain"])
+            plain = f"plain mlx-lm: {costs['plain'] * 1000:.0f} ms a token (P); T(n)/P: {ratios}; "
         caption += f"\n{plain}bound: the speedup these rounds allow at these costs"
     speed = Table(title=title, caption=caption, box=box.SIMPLE_HEAD)
     accept = Table(caption="accept: drafted tokens accepted; len: tokens per target forward", box=box.SIMPLE_HEAD)

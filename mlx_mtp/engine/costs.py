@@ -8,6 +8,7 @@ the loop picks the K (0 included: plain decoding) with the most tokens per secon
 """
 
 import json
+import logging
 import statistics
 import time
 import weakref
@@ -16,16 +17,21 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..checkpoints.paths import cache_home
 from ..decoding.proposers import DraftContext, MTPProposer
 from ..decoding.sampling import SamplingParams
+from ..models import products
+from ..models.cpu import MeasuredLinear
+
+logger = logging.getLogger(__name__)
 
 WINDOW = 32  # recent rounds that inform the acceptance estimate
 PRIOR = 4.0  # weight (in rounds) of the prior on each conditional acceptance: a few unlucky
 # rounds at the start must not switch drafting off
 PROBE_EVERY = 8  # after this many plain rounds, draft once to refresh the estimate
-COSTS_FORMAT = "v4"  # in the key of remembered costs: bumped when the forward's costs change
+COSTS_FORMAT = "v5"  # in the key of remembered costs: bumped when the forward's costs change
 # Prompt chunks are powers of two within these bounds: as large as a chunk may be whose
 # forward costs no more than a one-token forward (at a short context; at 8K positions a chunk
 # costs about twice that), so a prompt being read at most about triples the step time of the
@@ -155,7 +161,8 @@ def measure_prefill_step_size(target, cache, forward: float) -> int:
 def shape_key(pair, k_max: int, rows: int = 1) -> str:
     """Costs depend on shapes, dtype and device, not on weights: the key of a measurement."""
     t, d = pair.target, pair.drafter
-    parts = [COSTS_FORMAT, t.model_type, t.hidden_size, len(t.layer_types), t.vocab_size, t.dtype, mx.default_device(), k_max]
+    parts = [COSTS_FORMAT, products.machine_key(), t.model_type, t.hidden_size, len(t.layer_types), t.vocab_size,
+             t.dtype, mx.default_device(), k_max]
     if d is not None:
         parts += [d.text_args.hidden_size, d.text_args.num_hidden_layers, d.args.use_ordered_embeddings]
     if rows > 1:
@@ -163,6 +170,52 @@ def shape_key(pair, k_max: int, rows: int = 1) -> str:
     if t.pipeline is not None:  # a forward through the ranks' pipeline
         parts.append("ranks" + ",".join(f"{a}-{b}" for a, b in t.pipeline.ranges))
     return "/".join(map(str, parts))
+
+
+def product_weights(target) -> Dict[tuple, mx.array]:
+    """One weight per shape of what the target's CPU forward multiplies: its linear layers
+    and its head."""
+    weights = {}
+    for _, module in target.decoder.named_modules():
+        if isinstance(module, MeasuredLinear):
+            weights.setdefault(tuple(module.weight.shape), module.weight)
+    tied = getattr(target.lm, "tie_word_embeddings", True)
+    head = target.decoder.embed_tokens if tied else target.lm.lm_head
+    if type(head) in (nn.Embedding, nn.Linear):
+        weights.setdefault(tuple(head.weight.shape), head.weight)
+    return weights
+
+
+def choose_products(pair):
+    """Make the target's CPU forward use the fastest product for each of its weight shapes
+    and row counts: remembered with the costs for this machine (CPU, BLAS, MLX version) and
+    these shapes, else measured now (a few seconds for a big head) and remembered. A
+    measurement that fails leaves the default (products.DEFAULT). On Metal, and on the
+    ranks of a pipeline (each would measure its own layers into one file), nothing is
+    chosen."""
+    target = pair.target
+    if not target.cpu_kernels or target.pipeline is not None:
+        return
+    weights = product_weights(target)
+    shapes = sorted(weights)
+    key = "/".join(["products", COSTS_FORMAT, products.machine_key(), str(target.dtype)]
+                   + [f"{o}x{i}" for o, i in shapes])
+    path = cache_home() / "costs.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if key in known:
+        try:  # (remembered by a build that measured other row counts: measured again)
+            return products.use({tuple(map(int, shape.split("x"))): ways for shape, ways in known[key].items()})
+        except ValueError:
+            pass
+    try:
+        chosen = products.measure(weights)
+    except Exception as e:  # (e.g. out of memory for a big head: the default is safe)
+        logger.warning("could not measure which matrix products are fastest here (%s): using %s", e, products.DEFAULT)
+        return
+    known[key] = {f"{o}x{i}": ways for (o, i), ways in chosen.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(known, indent=1))
+    products.use(chosen)
 
 
 def costs_known(pair, rows: int = 1) -> bool:
@@ -216,6 +269,7 @@ class CostModel:
     @classmethod
     def of(cls, pair) -> "CostModel":
         if pair not in cls._by_pair:
+            choose_products(pair)  # costs are of the forward with the products it runs
             cls._by_pair[pair] = cls(pair)
         return cls._by_pair[pair]
 

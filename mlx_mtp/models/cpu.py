@@ -1,9 +1,10 @@
 """The target's forward on the CPU: the same arithmetic as mlx-lm's modules, in kernels
 that suit a CPU (README, "Fast CPU path").
 
-- Linear layers and the head compute x @ W.T as (W @ x.T).T: with 3 or more rows of x,
-  the BLAS path taken for x @ W.T re-packs W, so a forward over K + 1 tokens cost up to
-  twice a forward over one; W @ x.T reads W once for any few rows.
+- Linear layers and the head compute x @ W.T the way measured fastest on this machine
+  for that weight shape and number of rows (`products`): which orientation a BLAS runs
+  fastest for a few rows differs between CPUs, and a forward over K + 1 tokens could cost
+  twice a forward over one in the wrong one.
 - Norms and RoPE run compiled: on the CPU `mx.fast.rms_norm` and `mx.fast.rope` are
   compositions of several small ops, each paying a dispatch of a few microseconds, about
   six norms and two ropes per layer; compiled, their elementwise parts fuse. The results
@@ -22,32 +23,18 @@ from mlx.utils import tree_map
 from mlx_lm.models import gemma3_text, gemma4_text
 
 from .cache import MAX_DRAFT_TOKENS
+from .products import product
 
 
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def column_product(x: mx.array, weight: mx.array, rows_at_least: int = 1) -> mx.array:
-    """x @ weight.T computed as (weight @ x.T).T: [..., in] x [out, in] -> [..., out].
-    Same products, summed in another order: results may differ in the last bit, like any
-    change of kernel. `rows_at_least`: repeat a lone row of x up to this many: the BLAS
-    runs a one-row product (a gemv) on one thread, a two-row one on all (the target's
-    head: 26 ms -> 18 ms here), and the row's result is the same bits."""
-    rows = x.reshape(-1, x.shape[-1])  # [M, in]
-    if rows.shape[0] < rows_at_least:
-        # [1, in] -> [rows_at_least, in], copied: a broadcast (stride 0) view is as slow as one row
-        out = (weight @ mx.concatenate([rows] * rows_at_least).T).T[: rows.shape[0]]
-    else:
-        out = (weight @ rows.T).T
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-class ColumnLinear(nn.Linear):
-    """nn.Linear through `column_product`."""
+class MeasuredLinear(nn.Linear):
+    """nn.Linear through `products.product`."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = column_product(x, self["weight"])
+        y = product(x, self["weight"])
         return y + self["bias"] if "bias" in self else y
 
 
@@ -103,7 +90,7 @@ def for_cpu(module):
         return module
     out = copy.copy(module)
     if type(module) is nn.Linear:
-        out.__class__ = ColumnLinear
+        out.__class__ = MeasuredLinear
         return out
     if type(module) in COMPILED:
         out.__class__ = COMPILED[type(module)]

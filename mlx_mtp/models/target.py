@@ -13,7 +13,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
 from .cache import BatchCache, shared_kv_view
-from .cpu import column_product, for_cpu, on_cpu
+from .cpu import for_cpu, on_cpu
+from .products import product
 from .pipeline import Pipeline, layer_ranges
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -152,7 +153,7 @@ class Target:
         tied = getattr(self.lm, "tie_word_embeddings", True)
         head = self.decoder.embed_tokens if tied else self.lm.lm_head
         if self.cpu_kernels and type(head) in (nn.Embedding, nn.Linear):
-            out = column_product(hidden, head.weight, rows_at_least=2)
+            out = product(hidden, head.weight)
         else:  # Metal, or a quantized head with its own kernel
             out = head.as_linear(hidden) if tied else head(hidden)
         if self.softcap:
