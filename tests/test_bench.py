@@ -145,6 +145,11 @@ def test_pooled_stats_count_every_round_of_every_run():
     assert pooled.rounds == 3 and pooled.acceptance_rate == 3 / 6
     assert pooled.per_position_acceptance == [2 / 3, 1 / 3]
     assert pooled.by_source["ngram"]["acceptance"] == 0.5
+    # Per source: the K it was given and how far its drafts held, position by position.
+    c = Stats(drafts=[[1, 2, 3], [4], [5, 6, 7], []], accepted=[3, 0, 1, 0], sources=["ngram", "mtp", "ngram", "none"])
+    assert c.by_source["ngram"]["draft_tokens_chosen"] == {3: 2} and c.by_source["mtp"]["draft_tokens_chosen"] == {1: 1}
+    assert c.by_source["ngram"]["per_position_acceptance"] == [1.0, 0.5, 0.5]
+    assert c.by_source["mtp"]["per_position_acceptance"] == [0.0] and "none" not in c.by_source
     assert pooled.generation_tps == 4.0
     assert a.rounds == 2  # the inputs are left alone
 

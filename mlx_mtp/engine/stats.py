@@ -59,26 +59,28 @@ class Stats(Throughput):
     @property
     def per_position_acceptance(self) -> List[float]:
         """Entry i: share of rounds that proposed > i tokens whose first i + 1 were accepted."""
-        longest = max((len(d) for d in self.drafts), default=0)
-        out = []
-        for i in range(longest):
-            rounds = [a for d, a in zip(self.drafts, self.accepted) if len(d) > i]
-            out.append(sum(a > i for a in rounds) / len(rounds))
-        return out
+        return per_position(self.drafts, self.accepted)
 
     @property
     def by_source(self) -> dict:
-        """source -> {"rounds", "drafted", "accepted", "acceptance"}."""
-        out = {}
+        """source -> {"rounds", "drafted", "accepted", "acceptance", "per_position_acceptance",
+        "draft_tokens_chosen" (K -> rounds)}: rounds that drafted nothing are no source's."""
+        rounds = {}
         for d, a, s in zip(self.drafts, self.accepted, self.sources):
-            if not d:
-                continue
-            e = out.setdefault(s, {"rounds": 0, "drafted": 0, "accepted": 0})
-            e["rounds"] += 1
-            e["drafted"] += len(d)
-            e["accepted"] += a
-        for e in out.values():
-            e["acceptance"] = e["accepted"] / e["drafted"]
+            if d:
+                rounds.setdefault(s, []).append((d, a))
+        out = {}
+        for s, own in rounds.items():
+            drafts, accepted = [d for d, _ in own], [a for _, a in own]
+            chosen = [len(d) for d in drafts]
+            out[s] = {
+                "rounds": len(own),
+                "drafted": sum(chosen),
+                "accepted": sum(accepted),
+                "acceptance": sum(accepted) / sum(chosen),
+                "per_position_acceptance": per_position(drafts, accepted),
+                "draft_tokens_chosen": {k: chosen.count(k) for k in sorted(set(chosen))},
+            }
         return out
 
     @property
@@ -127,3 +129,12 @@ class BatchStats(Throughput):
     rounds: int = 0
     live_rows: List[int] = field(default_factory=list)  # per round: rows in the forward
     draft_tokens: List[int] = field(default_factory=list)  # per round: K, the most drafts of a row
+
+
+def per_position(drafts: List[list], accepted: List[int]) -> List[float]:
+    """Entry i: share of the rounds that proposed > i tokens whose first i + 1 were accepted."""
+    out = []
+    for i in range(max((len(d) for d in drafts), default=0)):
+        rounds = [a for d, a in zip(drafts, accepted) if len(d) > i]
+        out.append(sum(a > i for a in rounds) / len(rounds))
+    return out
