@@ -251,6 +251,17 @@ BAD = [
     ("completions", {"prompt": "hi", "n": 2}, "n = 1"),
     ("completions", {"prompt": ["a", "b"]}, "'prompt' holds 2 prompts; send one prompt per request"),
     ("completions", {"prompt": "hi", "stop": 5}, "stop"),
+    # Not built yet: refused, never silently ignored.
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function",
+     "function": {"name": "f", "parameters": {}}}]}, "'tools' is not supported by this server yet"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     "'response_format' is not supported"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2},
+     "'logprobs' is not supported"),
+    ("completions", {"prompt": "hi", "logprobs": 1}, "'logprobs' is not supported"),
+    ("completions", {"prompt": "hi", "echo": True}, "'echo' is not supported"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42",
+     "tool_call_id": "a"}]}, "tool results are not supported"),
     ("completions", {"prompt": "x" * (5 * 1024 * 1024)}, "over"),
 ]
 
@@ -452,3 +463,11 @@ def test_a_reply_asked_for_more_than_the_cap_ends_at_the_cap():
         assert out.usage.completion_tokens == 3
     finally:
         server.stop()
+
+
+def test_client_defaults_for_fields_not_built_yet_pass(server):
+    reply = server.client.chat.completions.create(
+        model=TARGET, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=False, n=1,
+        response_format={"type": "text"}, tool_choice="none", tools=[{"type": "function",
+                                                                     "function": {"name": "f", "parameters": {}}}])
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].logprobs is None

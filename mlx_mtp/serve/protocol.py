@@ -100,6 +100,28 @@ def parse_processors(body: dict, vocab_size: int) -> list:
     )
 
 
+def refuse_unsupported(body: dict):
+    """Fields this server cannot honour yet, when set to ask for something: a clear 400,
+    never a reply that silently ignores them (a client's defaults, such as `logprobs:
+    false` or `tool_choice: "none"`, pass)."""
+    asks = {
+        "tools": bool(body.get("tools")) and body.get("tool_choice") != "none",
+        "tool_choice": body.get("tool_choice") not in (None, "none", "auto"),
+        "functions": bool(body.get("functions")),
+        "response_format": body.get("response_format") not in (None, {"type": "text"}),
+        "logprobs": body.get("logprobs") not in (None, False, 0),
+        "top_logprobs": body.get("top_logprobs") not in (None, 0),
+        "echo": body.get("echo") not in (None, False),
+        "suffix": body.get("suffix") not in (None, ""),
+        "best_of": body.get("best_of") not in (None, 1),
+    }
+    for name, asked in asks.items():
+        if asked:
+            raise BadRequest(f"'{name}' is not supported by this server yet", name)
+    if any(m.get("role") == "tool" or m.get("tool_calls") for m in body.get("messages") or [] if isinstance(m, dict)):
+        raise BadRequest("tool calls and tool results are not supported by this server yet", "messages")
+
+
 def parse_request(body: dict, context: Optional[int], vocab_size: int, settings: Settings,
                   own_stops: List[str] = ()) -> GenerationRequest:
     """The request's settings (no prompt yet), checked; `own_stops`: the server's stop
@@ -116,6 +138,7 @@ def parse_request(body: dict, context: Optional[int], vocab_size: int, settings:
         raise BadRequest("'seed' must be an integer", "seed")
     if _number(body, "n", 1, int) != 1:
         raise BadRequest("only n = 1 is supported", "n")
+    refuse_unsupported(body)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
