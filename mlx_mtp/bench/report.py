@@ -74,6 +74,8 @@ def summarize(runs: List[Run], costs: Optional[Costs] = None) -> dict:
 
 def geometric_mean(speedups: List[float]) -> float:
     speedups = [x for x in speedups if x > 0]
+    if len(speedups) == 1:  # its own mean to the bit (exp(log(x)) may miss it by one)
+        return speedups[0]
     return math.exp(statistics.fmean(map(math.log, speedups))) if speedups else 0.0
 
 
