@@ -100,10 +100,29 @@ def test_a_failed_measurement_keeps_the_default(tmp_path, monkeypatch, caplog):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(products, "measure", fails)
+    pair = load_pair("e2b")
     with caplog.at_level(logging.WARNING):
-        costs.choose_products(load_pair("e2b"))
-    assert "out of memory" in caplog.text and not products._chosen
-    assert not (tmp_path / "costs.json").exists()
+        costs.choose_products(pair)
+    assert "out of memory" in caplog.text
+    assert products._chosen and all(ways == [products.DEFAULT] * len(products.ROW_COUNTS)
+                                    for ways in products._chosen.values())
+    caplog.clear()
+    costs.choose_products(pair)  # the default is remembered: no measurement at every run
+    assert "out of memory" not in caplog.text
+
+
+def test_an_unreadable_costs_file_is_measured_again_not_an_error(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLX_MTP_HOME", str(tmp_path))
+    (tmp_path / "costs.json").write_text('{"half a fi')
+    pair = load_pair("e2b")
+    with caplog.at_level(logging.WARNING):
+        assert costs.load_or_measure(pair, pair.default_draft_tokens).target[0] > 0
+    assert "unreadable" in caplog.text
+    known = json.loads((tmp_path / "costs.json").read_text())
+    key = costs.shape_key(pair, pair.default_draft_tokens)
+    known[key] = {"target": [1.0], "no such field": 2}  # a damaged entry: measured again
+    (tmp_path / "costs.json").write_text(json.dumps(known))
+    assert costs.load_or_measure(pair, pair.default_draft_tokens).target[0] < 1.0
 
 
 @pytest.mark.parametrize("name", ["e2b", "31b"])

@@ -262,6 +262,10 @@ BAD = [
     ("completions", {"prompt": "hi", "echo": True}, "'echo' is not supported"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42",
      "tool_call_id": "a"}]}, "tool results are not supported"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "function", "name": "f",
+     "content": "42"}]}, "tool results are not supported"),
+    ("chat/completions", {"messages": 5}, "messages"),
+    ("chat/completions", {"messages": True}, "messages"),
     ("completions", {"prompt": "x" * (5 * 1024 * 1024)}, "over"),
 ]
 

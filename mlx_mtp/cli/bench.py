@@ -92,7 +92,6 @@ def bench(
     template = pair.chat == TEMPLATE and not ignore_chat_template
     if template:
         apply_template(pair, [{"role": "user", "content": "hi"}])  # no template: say so before any run
-    options.measure_costs_once(pair)
     tasks = plan(pair, prompt_sets, temperatures, ks or [None], repeats, batches, proposers, template)
     runs = []
     err = Console(stderr=True, highlight=False)

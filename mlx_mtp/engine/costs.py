@@ -9,6 +9,7 @@ the loop picks the K (0 included: plain decoding) with the most tokens per secon
 
 import json
 import logging
+import os
 import statistics
 import time
 import weakref
@@ -172,6 +173,32 @@ def shape_key(pair, k_max: int, rows: int = 1) -> str:
     return "/".join(map(str, parts))
 
 
+def remembered() -> dict:
+    """What costs.json remembers: {} if it is missing, or unreadable (a crash mid-write by an
+    older build, an edit): measured again then, never an error."""
+    path = cache_home() / "costs.json"
+    try:
+        known = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logger.warning("%s is unreadable (%s): measuring again", path, e)
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def remember(key: str, value):
+    """Add one entry to costs.json, replacing the file at once (two processes measuring on
+    a first use must not leave half a file)."""
+    path = cache_home() / "costs.json"
+    known = remembered()
+    known[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(known, indent=1))
+    os.replace(scratch, path)
+
+
 def product_weights(target) -> Dict[tuple, mx.array]:
     """One weight per shape of what the target's CPU forward multiplies: its linear layers
     and its head."""
@@ -200,52 +227,48 @@ def choose_products(pair):
     shapes = sorted(weights)
     key = "/".join(["products", COSTS_FORMAT, products.machine_key(), str(target.dtype)]
                    + [f"{o}x{i}" for o, i in shapes])
-    path = cache_home() / "costs.json"
-    known = json.loads(path.read_text()) if path.exists() else {}
-    if key in known:
-        try:  # (remembered by a build that measured other row counts: measured again)
-            return products.use({tuple(map(int, shape.split("x"))): ways for shape, ways in known[key].items()})
-        except ValueError:
+    known = remembered().get(key)
+    if known is not None:
+        try:  # (remembered by a build that measured other row counts, or damaged: measured again)
+            return products.use({tuple(map(int, shape.split("x"))): ways for shape, ways in known.items()})
+        except (ValueError, TypeError, AttributeError):
             pass
     try:
         chosen = products.measure(weights)
-    except Exception as e:  # (e.g. out of memory for a big head: the default is safe)
+    except Exception as e:  # (e.g. out of memory for a big head) the default, remembered: not retried each run
         logger.warning("could not measure which matrix products are fastest here (%s): using %s", e, products.DEFAULT)
-        return
-    known[key] = {f"{o}x{i}": ways for (o, i), ways in chosen.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(known, indent=1))
+        chosen = {shape: [products.DEFAULT] * len(products.ROW_COUNTS) for shape in shapes}
+    remember(key, {f"{o}x{i}": ways for (o, i), ways in chosen.items()})
     products.use(chosen)
 
 
 def costs_known(pair, rows: int = 1) -> bool:
     """Whether this machine has measured the pair's costs for `rows` rows before."""
-    path = cache_home() / "costs.json"
-    return path.exists() and shape_key(pair, pair.default_draft_tokens, rows) in json.loads(path.read_text())
+    return shape_key(pair, pair.default_draft_tokens, rows) in remembered()
 
 
 def load_or_measure(pair, k_max: int, rows: int = 1, refresh: bool = False) -> Costs:
     """Measured costs, remembered on disk: the same machine and shapes give the same K
     choices, so seeded sampling repeats across runs. `refresh` measures again (the bench
     does, so a measurement spoiled by a busy moment does not stick)."""
-    path = cache_home() / "costs.json"
     key = shape_key(pair, k_max, rows)
-    known = json.loads(path.read_text()) if path.exists() else {}
-    measure = refresh or key not in known
+    try:
+        known = Costs(**remembered()[key])
+    except (KeyError, TypeError):  # (never measured, or a damaged entry: measured again)
+        known = None
+    measure = refresh or known is None
     pipeline = pair.target.pipeline
     if pipeline is not None:  # rank 0 decides, and every rank takes part in a measurement
         measure = bool(pipeline.agree([measure])[0])
     if measure:
         costs = measure_costs(pair, k_max, rows)
     else:  # (a pipeline rank without rank 0's file takes rank 0's values just below)
-        costs = Costs(**known.get(key, {"target": [0.0] * (k_max + 1), "draft_step": 0.0}))
+        costs = known or Costs([0.0] * (k_max + 1), 0.0)
     if pipeline is not None:  # every rank chooses K and reads prompts as rank 0 does
         values = pipeline.agree(costs.target + [costs.draft_step, costs.prefill_step_size or 0])
         costs = Costs(values[:-2], values[-2], None, int(values[-1]) or None)
     if measure and (pipeline is None or pipeline.last):
-        known[key] = asdict(costs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(known, indent=1))
+        remember(key, asdict(costs))
     return costs
 
 

@@ -118,8 +118,10 @@ def refuse_unsupported(body: dict):
     for name, asked in asks.items():
         if asked:
             raise BadRequest(f"'{name}' is not supported by this server yet", name)
-    if any(m.get("role") == "tool" or m.get("tool_calls") for m in body.get("messages") or [] if isinstance(m, dict)):
-        raise BadRequest("tool calls and tool results are not supported by this server yet", "messages")
+    messages = body.get("messages")
+    for m in messages if isinstance(messages, list) else []:  # (anything else: a 400 from the prompt's checks)
+        if isinstance(m, dict) and (m.get("role") in ("tool", "function") or m.get("tool_calls") or m.get("function_call")):
+            raise BadRequest("tool calls and tool results are not supported by this server yet", "messages")
 
 
 def parse_request(body: dict, context: Optional[int], vocab_size: int, settings: Settings,
