@@ -23,6 +23,11 @@ from .request import GenerationRequest, encode
 
 Prompt = Union[str, List[int]]
 
+# Prompt ids a generation here reads per forward, as mlx-lm's generate: nothing decodes
+# beside it, so the fewest forwards win. (The server's engine reads smaller measured
+# chunks, so that the rows decoding beside a long prompt go on.)
+PREFILL_STEP_SIZE = 2048
+
 
 @dataclass
 class GenerationResponse:
@@ -90,7 +95,7 @@ def stream_generate(
     interrupt: Optional[threading.Event] = None,
     proposer: Union[str, Proposer] = "hybrid",
     request: Optional[GenerationRequest] = None,
-    prefill_step_size: Optional[int] = None,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Yield committed text round by round; the last chunk has a finish_reason ("stop": a
@@ -109,8 +114,8 @@ def stream_generate(
     round under way (finish_reason "interrupted"); in a pipeline, the way to stop early.
     request: a `GenerationRequest` whose settings to use instead of the keywords (its
     prompt is replaced by `prompt`).
-    prefill_step_size: prompt ids read per forward (default: from the pair's measured
-    costs); the output of a prompt longer than it depends on it, as in mlx-lm.
+    prefill_step_size: prompt ids read per forward (default: mlx-lm's 2048); the output of a
+    prompt longer than it depends on it, as in mlx-lm.
     """
     request = _request(pair, prompt, prompt_cache is None or not prompt_cache.tokens, request, kwargs)
     engine = Engine(pair, max_batch=1, proposer=proposer, prefill_step_size=prefill_step_size)
@@ -152,7 +157,7 @@ def batch_generate(
     max_batch: Optional[int] = None,
     proposer: Union[str, Proposer] = "hybrid",
     request: Optional[GenerationRequest] = None,
-    prefill_step_size: Optional[int] = None,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
     **kwargs,
 ) -> BatchResults:
     """Generate for every prompt; row i gives what `generate` gives for prompt i alone.

@@ -464,3 +464,28 @@ def test_a_row_taken_out_while_its_prompt_is_read_leaves_the_rows_read_with_it_e
 def test_a_bad_prefill_step_size_is_refused(value):
     with pytest.raises(ValueError, match="prefill_step_size must be an integer >= 1"):
         mlx_mtp.generate(load_pair("e2b"), [5, 6], max_tokens=2, prefill_step_size=value)
+
+
+def test_a_generation_alone_reads_its_prompt_in_mlx_lms_chunks_and_the_server_engine_in_measured_ones(monkeypatch):
+    """Nothing decodes beside `generate`: the fewest forwards (mlx-lm's 2048 ids); an
+    Engine with no size given (the server's) takes the measured one, smaller here."""
+    pair = load_pair("e2b")
+    reads = []
+    real = type(pair.target).hidden
+
+    def counted(self, tokens, cache):
+        reads.append(tokens.shape[1])
+        return real(self, tokens, cache)
+
+    monkeypatch.setattr(type(pair.target), "hidden", counted)
+    prompt = prompt_of(300, seed=40)
+    mlx_mtp.generate(pair, prompt, max_tokens=1)
+    assert reads[0] == 300 and mlx_mtp.api.PREFILL_STEP_SIZE == MLX_LM_PREFILL
+    measured = CostModel.of(pair).prefill_step_size()
+    assert measured < 300
+    reads.clear()
+    engine = Engine(pair)
+    engine.add(GenerationRequest(prompt, max_tokens=1))
+    while engine.busy:
+        engine.step()
+    assert reads[0] == measured and sum(n for n in reads if n != 1) >= 300
