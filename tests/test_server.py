@@ -248,7 +248,8 @@ BAD = [
     ("completions", {"prompt": [5, 10**7, 7]}, "outside the vocabulary"),
     ("completions", {"prompt": [5, -1, 7]}, "outside the vocabulary"),
     ("completions", {"prompt": [5, 2.5]}, "integers"),
-    ("completions", {"prompt": "hi", "n": 2}, "n = 1"),
+    ("completions", {"prompt": "hi", "n": 0}, "'n' must be >= 1"),
+    ("completions", {"prompt": "hi", "n": 5}, "'n' must be <= 4"),  # (the module server's --max-batch)
     ("completions", {"prompt": ["a", "b"]}, "'prompt' holds 2 prompts; send one prompt per request"),
     ("completions", {"prompt": "hi", "stop": 5}, "stop"),
     # Not built yet: refused, never silently ignored.
@@ -280,12 +281,13 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, path, body, m
     assert complete(server, "Hello world", max_tokens=3).usage.completion_tokens == 3
 
 
-def test_a_client_that_disconnects_frees_its_row(server):
-    body = {"model": TARGET, "prompt": "Once", "max_tokens": 3000, "temperature": 0, "stream": True}
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_client_that_disconnects_frees_its_rows(server, n):
+    body = {"model": TARGET, "prompt": "Once", "max_tokens": 3000, "temperature": 0, "stream": True, "n": n}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-        assert server.health()["rows"] == 1
+        assert server.health()["rows"] + server.health()["reading"] == n
     deadline = time.time() + 20
     while server.health()["rows"] and time.time() < deadline:
         time.sleep(0.1)
@@ -396,13 +398,14 @@ def test_non_finite_numbers_in_every_field_get_400_with_a_request_id(server, pat
     assert f"{rid} POST /v1/{path} -> 400: {error['message']}" in server.log()
 
 
-def test_a_non_streaming_client_that_gives_up_frees_its_row_at_the_next_step(server):
-    body = {"model": TARGET, "prompt": "Once", "max_tokens": 4000, "temperature": 0}
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_non_streaming_client_that_gives_up_frees_its_rows_at_the_next_step(server, n):
+    body = {"model": TARGET, "prompt": "Once", "max_tokens": 4000, "temperature": 0, "n": n}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
     assert server.idle() == {"status": "ok", "rows": 0, "reading": 0, "queued": 0}
     left = [line for line in server.log().splitlines() if "cancelled: the client left after" in line]
-    assert left and int(left[-1].split(" after ")[1].split()[0]) < 4000
+    assert len(left) >= n and all(int(line.split(" after ")[1].split()[0]) < 4000 for line in left[-n:])
     assert complete(server, "Hello world", max_tokens=3).usage.completion_tokens == 3
 
 
@@ -475,3 +478,31 @@ def test_client_defaults_for_fields_not_built_yet_pass(server):
         response_format={"type": "text"}, tool_choice="none", tools=[{"type": "function",
                                                                      "function": {"name": "f", "parameters": {}}}])
     assert reply.usage.completion_tokens == 3 and reply.choices[0].logprobs is None
+
+
+def test_n_choices_are_rows_of_their_own_each_as_a_request_alone(server, pair):
+    greedy = complete(server, "Hello world", max_tokens=12, n=3)
+    expected = solo(pair, "Hello world", max_tokens=12, num_draft_tokens=K)
+    assert [c.index for c in greedy.choices] == [0, 1, 2] and {c.text for c in greedy.choices} == {expected.text}
+    assert greedy.usage.completion_tokens == 3 * 12 and greedy.usage.prompt_tokens == len(pair.tokenizer.encode("Hello world"))
+    sampled = complete(server, "Once upon a time", max_tokens=12, n=2, temperature=1.0, seed=7)
+    alone = [solo(pair, "Once upon a time", max_tokens=12, num_draft_tokens=K, temperature=1.0, seed=s).text
+             for s in (7, 8)]  # choice i is seeded seed + i
+    assert [c.text for c in sampled.choices] == alone and alone[0] != alone[1]
+
+
+def test_n_streamed_choices_carry_their_index_and_end_with_the_usage(server, pair):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chunks = list(server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=10, n=2,
+                                                        temperature=1.0, seed=3, stream=True))
+    texts, finished = ["", ""], [None, None]
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        finished[choice.index] = choice.finish_reason or finished[choice.index]
+        assert chunk.usage is None
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 20 and finished == ["length", "length"]
+    whole = server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=10, n=2,
+                                                  temperature=1.0, seed=3)
+    assert texts == [c.message.content for c in whole.choices]

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import List, Optional
 
 from sse_starlette.sse import EventSourceResponse
@@ -31,8 +32,9 @@ from starlette.routing import Route
 
 from ..checkpoints.pair import Pair
 from ..conversation import stop_strings
+from ..engine.stats import Stats
 from .follower import follow
-from .protocol import (BadRequest, Reply, Settings, chat_prompt, completion_prompt, parse_body, parse_request,
+from .protocol import (BadRequest, Reply, Settings, chat_prompt, completion_prompt, parse_body, parse_n, parse_request,
                        parse_stream)
 from .worker import Job, Worker
 
@@ -97,35 +99,41 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
         body = parse_body(raw, model_name)
         # a base target's chat reply ends where it starts the next turn
         request = parse_request(body, context, pair.target.vocab_size, settings, stop_strings(pair) if chat else [])
-        stream = parse_stream(body)
+        n, stream = parse_n(body, settings), parse_stream(body)
         ids = chat_prompt(pair, body) if chat else completion_prompt(pair, body)
         if context and len(ids) >= context:
             raise BadRequest(f"the prompt has {len(ids)} tokens but the context is {context}",
                              "messages" if chat else "prompt")
-        return request.with_prompt(ids), stream, {k: v for k, v in body.items() if k not in ("messages", "prompt")}
+        body = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
+        return request.with_prompt(ids), n, stream, body
 
     async def generate(request: Request, chat: bool):
         rid = request_id(request)
-        generation, stream, body = await run_in_threadpool(prepare, await request.body(), chat)
-        job = Job(generation, asyncio.get_running_loop(), asyncio.Queue(), rid, settings=body)
-        if not worker.submit(job):
-            raise BadRequest("too many requests: the batch and the queue are full, retry later",
-                             status=429, kind="rate_limit_error")
+        generation, n, stream, body = await run_in_threadpool(prepare, await request.body(), chat)
+        loop, jobs = asyncio.get_running_loop(), []
+        for i in range(n):  # a row per choice; choice i of a seeded request is seeded seed + i
+            one = generation if generation.seed is None else replace(generation, seed=(generation.seed + i) % 2**32)
+            jobs.append(Job(one, loop, asyncio.Queue(), rid, settings={**body, "seed": one.seed}))
+            if not worker.submit(jobs[-1]):
+                for job in jobs[:-1]:
+                    job.leave()
+                raise BadRequest("too many requests: the batch and the queue are full, retry later",
+                                 status=429, kind="rate_limit_error")
         reply = Reply(chat, model_name, len(generation.prompt), rid)
         headers = {"x-request-id": rid}
-        if stream:  # (sse-starlette ends the stream, and so the job, when the client leaves)
-            return EventSourceResponse(chunks(job, reply), ping=600, headers=headers)
-        watch = asyncio.ensure_future(leave_on_disconnect(request, job))
-        parts, finish = [], None
+        if stream:  # (sse-starlette ends the stream, and so the jobs, when the client leaves)
+            return EventSourceResponse(chunks(jobs, reply), ping=600, headers=headers)
+        watch = asyncio.ensure_future(leave_on_disconnect(request, jobs))
         try:
-            async for text, finish, tokens, stats in job.updates():
-                parts.append(text)
+            choices = await asyncio.gather(*(whole(job) for job in jobs))
         finally:
-            job.cancelled = True  # the handler is gone (done, or the client left)
+            for job in jobs:
+                job.cancelled = True  # the handler is gone (done, or the client left)
             watch.cancel()
-        if finish is None:  # the client left: nobody reads this
+        if any(finish is None for _, finish, _, _ in choices):  # the client left: nobody reads this
             return Response(status_code=499)
-        return JSONResponse(reply.whole("".join(parts), finish, tokens, stats), headers=headers)
+        tokens, stats = sum(c[2] for c in choices), Stats.pooled([c[3] for c in choices])
+        return JSONResponse(reply.whole([c[:2] for c in choices], tokens, stats), headers=headers)
 
     async def models(request: Request):
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-mtp"}
@@ -146,24 +154,64 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
     )
 
 
-async def leave_on_disconnect(request: Request, job: Job):
-    """A non-streaming request's client may leave while its row decodes: its body is read,
+async def leave_on_disconnect(request: Request, jobs: List[Job]):
+    """A non-streaming request's client may leave while its rows decode: its body is read,
     so the next message uvicorn delivers is the disconnect."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.leave()
+    for job in jobs:
+        job.leave()
 
 
-async def chunks(job: Job, reply: Reply):
-    """A streamed reply's server-sent events."""
+async def whole(job: Job):
+    """(text, finish reason, completion tokens, stats) of one choice; finish None if the
+    client left."""
+    parts, finish, tokens, stats = [], None, 0, None
+    async for text, finish, tokens, stats in job.updates():
+        parts.append(text)
+    return "".join(parts), finish, tokens, stats
+
+
+async def chunks(jobs: List[Job], reply: Reply):
+    """A streamed reply's server-sent events: each choice's chunks as its row commits (with
+    its index); the usage and stats in the last chunk of a one-choice reply, else in a chunk
+    of their own once every choice finished (as OpenAI's include_usage)."""
+    merged = asyncio.Queue()
+
+    async def pump(index: int, job: Job):
+        try:
+            async for update in job.updates():
+                await merged.put((index, update))
+        except BadRequest as e:
+            await merged.put((index, e))
+        finally:
+            await merged.put((index, None))  # this choice is over
+
+    pumps = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
+    totals, stats, open_choices = [0] * len(jobs), [None] * len(jobs), len(jobs)
     try:
-        async for text, finish, tokens, stats in job.updates():
-            yield {"data": json.dumps(reply.chunk(text, finish, tokens, stats))}
+        while open_choices:
+            index, update = await merged.get()
+            if update is None:
+                open_choices -= 1
+                continue
+            if isinstance(update, BadRequest):  # the response has started: the error is the last event
+                yield {"data": json.dumps({"error": {"message": str(update), "type": update.kind, "param": None}})}
+                return
+            text, finish, totals[index], stats[index] = update
+            if len(jobs) == 1 and finish:
+                yield {"data": json.dumps(reply.chunk(text, finish, index, totals[index], stats[index]))}
+            else:
+                yield {"data": json.dumps(reply.chunk(text, finish, index))}
+        if any(s is None for s in stats):  # (a choice ended without a token: its client left)
+            return
+        if len(jobs) > 1:
+            yield {"data": json.dumps(reply.usage_chunk(sum(totals), Stats.pooled(stats)))}
         yield {"data": "[DONE]"}
-    except BadRequest as e:  # the response has started: the error is the last event
-        yield {"data": json.dumps({"error": {"message": str(e), "type": e.kind, "param": None}})}
     finally:
-        job.cancelled = True  # a client that disconnects frees its row at the next step
+        for job, task in zip(jobs, pumps):
+            job.cancelled = True  # a client that disconnects frees its rows at the next step
+            task.cancel()
 
 
 def listen(host: str, port: int) -> List[socket.socket]:

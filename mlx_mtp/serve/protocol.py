@@ -5,7 +5,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from mlx_lm.sample_utils import make_logits_processors
 
@@ -138,8 +138,6 @@ def parse_request(body: dict, context: Optional[int], vocab_size: int, settings:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise BadRequest("'seed' must be an integer", "seed")
-    if _number(body, "n", 1, int) != 1:
-        raise BadRequest("only n = 1 is supported", "n")
     refuse_unsupported(body)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
@@ -152,6 +150,12 @@ def parse_request(body: dict, context: Optional[int], vocab_size: int, settings:
                                  settings.draft_tokens, tuple(stop) + tuple(own_stops))
     except ValueError as e:
         raise BadRequest(str(e)) from None
+
+
+def parse_n(body: dict, settings: Settings) -> int:
+    """How many choices: each a row of its own (seeded seed + i when a seed is given), at
+    most a batch's worth."""
+    return _number(body, "n", 1, int, low=1, high=settings.max_batch)
 
 
 def parse_stream(body: dict) -> bool:
@@ -232,20 +236,26 @@ class Reply:
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
 
-    def whole(self, text: str, finish: str, tokens: int, stats) -> dict:
-        return self._envelope([self._choice(text, finish, "message")], False, usage=self._usage(tokens),
-                              mtp=mtp_stats(stats))
+    def whole(self, choices: List[Tuple[str, str]], tokens: int, stats) -> dict:
+        """choices: (text, finish reason) of each; tokens: completion tokens of all."""
+        return self._envelope([self._choice(text, finish, "message", i) for i, (text, finish) in enumerate(choices)],
+                              False, usage=self._usage(tokens), mtp=mtp_stats(stats))
 
-    def chunk(self, text: str, finish: Optional[str], tokens: int, stats) -> dict:
-        """One chunk of a stream; the last (with a finish reason) has the usage and the stats too."""
-        extra = {"usage": self._usage(tokens), "mtp": mtp_stats(stats)} if finish else {}
-        return self._envelope([self._choice(text, finish, "delta")], True, **extra)
+    def chunk(self, text: str, finish: Optional[str], index: int = 0, tokens: Optional[int] = None, stats=None) -> dict:
+        """One chunk of a stream, of choice `index`; with `tokens` and `stats` (the last chunk
+        of a one-choice reply) the usage and the stats too."""
+        extra = {"usage": self._usage(tokens), "mtp": mtp_stats(stats)} if tokens is not None else {}
+        return self._envelope([self._choice(text, finish, "delta", index)], True, **extra)
 
-    def _choice(self, text, finish, key: str) -> dict:
+    def usage_chunk(self, tokens: int, stats) -> dict:
+        """After every choice of a several-choice stream finished: the usage and the stats."""
+        return self._envelope([], True, usage=self._usage(tokens), mtp=mtp_stats(stats))
+
+    def _choice(self, text, finish, key: str, index: int) -> dict:
         finish = "length" if finish == "context" else finish  # OpenAI's name for both limits
         if not self.chat:
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": index, key: {"role": "assistant", "content": text}, "finish_reason": finish}
 
     def _envelope(self, choices, stream: bool, **extra) -> dict:
         kind = ("chat.completion" + (".chunk" if stream else "")) if self.chat else "text_completion"
