@@ -249,6 +249,7 @@ BAD = [
     ("completions", {"prompt": [5, -1, 7]}, "outside the vocabulary"),
     ("completions", {"prompt": [5, 2.5]}, "integers"),
     ("completions", {"prompt": "hi", "n": 0}, "'n' must be >= 1"),
+    ("completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
     ("completions", {"prompt": "hi", "n": 5}, "'n' must be <= 4"),  # (the module server's --max-batch)
     ("completions", {"prompt": ["a", "b"]}, "'prompt' holds 2 prompts; send one prompt per request"),
     ("completions", {"prompt": "hi", "stop": 5}, "stop"),
@@ -506,3 +507,15 @@ def test_n_streamed_choices_carry_their_index_and_end_with_the_usage(server, pai
     whole = server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=10, n=2,
                                                   temperature=1.0, seed=3)
     assert texts == [c.message.content for c in whole.choices]
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_a_stream_sends_its_usage_in_a_last_chunk_of_its_own_when_asked(server, include_usage):
+    chunks = list(server.client.completions.create(model=TARGET, prompt="Hello world", max_tokens=6, temperature=0,
+                                                   stream=True, stream_options={"include_usage": include_usage}))
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == "length"
+    if include_usage:  # as OpenAI: no choices, the usage
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6 and finishing[0].usage is None
+    else:  # the usage rides on the finishing chunk
+        assert chunks[-1] is finishing[0] and finishing[0].usage.completion_tokens == 6

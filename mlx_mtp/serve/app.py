@@ -94,22 +94,23 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
     created = int(time.time())
 
     def prepare(raw: bytes, chat: bool):
-        """The request, whether to stream, and its settings for the other ranks, from the
-        body (parsing, template, tokenizer: CPU work, run off the event loop)."""
+        """The request, its number of choices, whether to stream and to send the usage in a
+        chunk of its own, and its settings for the other ranks, from the body (parsing,
+        template, tokenizer: CPU work, run off the event loop)."""
         body = parse_body(raw, model_name)
         # a base target's chat reply ends where it starts the next turn
         request = parse_request(body, context, pair.target.vocab_size, settings, stop_strings(pair) if chat else [])
-        n, stream = parse_n(body, settings), parse_stream(body)
+        n, (stream, usage_apart) = parse_n(body, settings), parse_stream(body)
         ids = chat_prompt(pair, body) if chat else completion_prompt(pair, body)
         if context and len(ids) >= context:
             raise BadRequest(f"the prompt has {len(ids)} tokens but the context is {context}",
                              "messages" if chat else "prompt")
         body = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
-        return request.with_prompt(ids), n, stream, body
+        return request.with_prompt(ids), n, stream, usage_apart or n > 1, body
 
     async def generate(request: Request, chat: bool):
         rid = request_id(request)
-        generation, n, stream, body = await run_in_threadpool(prepare, await request.body(), chat)
+        generation, n, stream, usage_apart, body = await run_in_threadpool(prepare, await request.body(), chat)
         loop, jobs = asyncio.get_running_loop(), []
         for i in range(n):  # a row per choice; choice i of a seeded request is seeded seed + i
             one = generation if generation.seed is None else replace(generation, seed=(generation.seed + i) % 2**32)
@@ -122,7 +123,7 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
         reply = Reply(chat, model_name, len(generation.prompt), rid)
         headers = {"x-request-id": rid}
         if stream:  # (sse-starlette ends the stream, and so the jobs, when the client leaves)
-            return EventSourceResponse(chunks(jobs, reply), ping=600, headers=headers)
+            return EventSourceResponse(chunks(jobs, reply, usage_apart), ping=600, headers=headers)
         watch = asyncio.ensure_future(leave_on_disconnect(request, jobs))
         try:
             choices = await asyncio.gather(*(whole(job) for job in jobs))
@@ -172,10 +173,10 @@ async def whole(job: Job):
     return "".join(parts), finish, tokens, stats
 
 
-async def chunks(jobs: List[Job], reply: Reply):
+async def chunks(jobs: List[Job], reply: Reply, usage_apart: bool):
     """A streamed reply's server-sent events: each choice's chunks as its row commits (with
-    its index); the usage and stats in the last chunk of a one-choice reply, else in a chunk
-    of their own once every choice finished (as OpenAI's include_usage)."""
+    its index); the usage and stats in a chunk of their own once every choice finished
+    (`usage_apart`, as OpenAI's include_usage), else in the last chunk of the one choice."""
     merged = asyncio.Queue()
 
     async def pump(index: int, job: Job):
@@ -199,13 +200,13 @@ async def chunks(jobs: List[Job], reply: Reply):
                 yield {"data": json.dumps({"error": {"message": str(update), "type": update.kind, "param": None}})}
                 return
             text, finish, totals[index], stats[index] = update
-            if len(jobs) == 1 and finish:
+            if finish and not usage_apart:
                 yield {"data": json.dumps(reply.chunk(text, finish, index, totals[index], stats[index]))}
             else:
                 yield {"data": json.dumps(reply.chunk(text, finish, index))}
         if any(s is None for s in stats):  # (a choice ended without a token: its client left)
             return
-        if len(jobs) > 1:
+        if usage_apart:
             yield {"data": json.dumps(reply.usage_chunk(sum(totals), Stats.pooled(stats)))}
         yield {"data": "[DONE]"}
     finally:

@@ -158,11 +158,17 @@ def parse_n(body: dict, settings: Settings) -> int:
     return _number(body, "n", 1, int, low=1, high=settings.max_batch)
 
 
-def parse_stream(body: dict) -> bool:
+def parse_stream(body: dict) -> Tuple[bool, bool]:
+    """Whether to stream, and whether the usage comes in a chunk of its own at the end
+    (`stream_options: {"include_usage": true}`)."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", "stream")
-    return stream
+    options = body.get("stream_options") or {}
+    usage = options.get("include_usage", False) if isinstance(options, dict) else None
+    if not isinstance(usage, bool):
+        raise BadRequest("'stream_options' must be an object with 'include_usage' true or false", "stream_options")
+    return stream, usage
 
 
 def completion_prompt(pair: Pair, body: dict) -> List[int]:
