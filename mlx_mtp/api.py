@@ -37,6 +37,8 @@ class GenerationResponse:
     tokens: List[int]
     stats: Stats
     finish_reason: Optional[str] = None  # "stop" (EOS), "length", "context", "interrupted", or None while running
+    # with a request's `logprobs`: per id, (its log-prob, [(id, log-prob)] of the top ones)
+    logprobs: Optional[list] = None
 
 
 @dataclass
@@ -127,7 +129,7 @@ def stream_generate(
     try:
         while engine.busy:
             for update in engine.step():
-                yield GenerationResponse(update.text, update.tokens, row.stats, update.finish_reason)
+                yield GenerationResponse(update.text, update.tokens, row.stats, update.finish_reason, update.logprobs)
     finally:
         engine.remove(row)
 

@@ -21,6 +21,9 @@ def is_int(x) -> bool:
     return isinstance(x, Integral) and not isinstance(x, bool)
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One generation: the ids to read (after a prompt cache's conversation, if any) and
@@ -30,7 +33,10 @@ class GenerationRequest:
     the target's context. seed: the row's own random key (None: drawn from MLX's global
     stream). draft_tokens: K every round (0: plain decoding), or None to choose K each
     round from measured costs and the live acceptance. stop: text that ends the
-    generation and is not part of it. stop_ids: ids that end it (None: the pair's EOS)."""
+    generation and is not part of it. stop_ids: ids that end it (None: the pair's EOS).
+    logprobs: report each committed token's log-probability under the target (its raw
+    distribution, from the forward that verified it) with this many top alternatives, 0-20
+    (None: none)."""
 
     prompt: Tuple[int, ...] = ()
     params: SamplingParams = SamplingParams()
@@ -39,6 +45,7 @@ class GenerationRequest:
     draft_tokens: Optional[int] = None
     stop: Tuple[str, ...] = ()
     stop_ids: Optional[frozenset] = None
+    logprobs: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.prompt, (str, bytes)):
@@ -58,6 +65,8 @@ class GenerationRequest:
         object.__setattr__(self, "stop", tuple(stop))
         if self.stop_ids is not None:
             object.__setattr__(self, "stop_ids", frozenset(token_ids(self.stop_ids)))
+        if self.logprobs is not None and not (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS} top alternatives, got {self.logprobs!r}")
 
     def with_prompt(self, prompt: Sequence[int]) -> "GenerationRequest":
         """The same settings for other ids (e.g. flags checked before the model is loaded)."""

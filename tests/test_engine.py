@@ -489,3 +489,25 @@ def test_a_generation_alone_reads_its_prompt_in_mlx_lms_chunks_and_the_server_en
     while engine.busy:
         engine.step()
     assert reads[0] == measured and sum(n for n in reads if n != 1) >= 300
+
+
+def test_logprobs_are_the_targets_raw_ones_for_accepted_drafts_and_bonus_tokens_alike():
+    """From the verify forward: equal to plain mlx-lm's forward over the whole text, at
+    every committed position, with the top ones in order (the request asks for 3)."""
+    pair = load_pair("e2b")
+    prompt = prompt_of(20, seed=41)
+    expected = plain_greedy(pair.target.model, prompt, 16)
+    oracle = ContinuationProposer([prompt + expected], noise=0.3)
+    request = GenerationRequest(prompt, SamplingParams(), max_tokens=16, draft_tokens=3, logprobs=3)
+    responses = list(mlx_mtp.stream_generate(pair, prompt, request=request, proposer=oracle))
+    tokens = [t for r in responses for t in r.tokens]
+    scores = [s for r in responses for s in r.logprobs]
+    assert tokens == expected and len(scores) == 16 and responses[-1].stats.accepted_tokens > 0
+    logits = pair.target.model(mx.array([prompt + tokens]))[0]
+    reference = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    for i, (token, (logprob, top)) in enumerate(zip(tokens, scores)):
+        assert logprob == pytest.approx(reference[len(prompt) - 1 + i, token].item(), abs=1e-4)
+        assert [t for t, _ in top][0] == token and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert len(top) == 3
+    with pytest.raises(ValueError, match="logprobs must be in 0..20"):
+        GenerationRequest(prompt, logprobs=21)

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import mlx.core as mx
 import openai
 import pytest
 from mlx_lm.sample_utils import make_logits_processors
@@ -258,9 +259,10 @@ BAD = [
      "function": {"name": "f", "parameters": {}}}]}, "'tools' is not supported by this server yet"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
      "'response_format' is not supported"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2},
-     "'logprobs' is not supported"),
-    ("completions", {"prompt": "hi", "logprobs": 1}, "'logprobs' is not supported"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "needs 'logprobs'"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     "'top_logprobs' must be <= 20"),
+    ("completions", {"prompt": "hi", "logprobs": -1}, "'logprobs' must be >= 0"),
     ("completions", {"prompt": "hi", "echo": True}, "'echo' is not supported"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42",
      "tool_call_id": "a"}]}, "tool results are not supported"),
@@ -519,3 +521,48 @@ def test_a_stream_sends_its_usage_in_a_last_chunk_of_its_own_when_asked(server, 
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6 and finishing[0].usage is None
     else:  # the usage rides on the finishing chunk
         assert chunks[-1] is finishing[0] and finishing[0].usage.completion_tokens == 6
+
+
+def target_logprobs(pair, prompt_ids, tokens):
+    """Each token's log-probability under plain mlx-lm's forward over prompt + tokens."""
+    logits = pair.target.model(mx.array([list(prompt_ids) + list(tokens)]))[0].astype(mx.float32)
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return [lp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(tokens)]
+
+
+def test_completion_logprobs_are_the_targets_own_with_drafts_on(server, pair):
+    prompt = "one two three one two three one two three"
+    out = complete(server, prompt, max_tokens=24, logprobs=2)
+    expected = solo(pair, prompt, max_tokens=24, num_draft_tokens=K)
+    assert out.model_extra["mtp"]["accepted_tokens"] > 0  # drafts were verified, and accepted
+    logprobs = out.choices[0].logprobs
+    reference = target_logprobs(pair, pair.tokenizer.encode(prompt), expected.tokens)
+    assert logprobs.token_logprobs == pytest.approx(reference, abs=1e-3) and all(v < 0 for v in reference)
+    assert logprobs.tokens == [pair.tokenizer.decode([t]) for t in expected.tokens]
+    checked = 0
+    for token, top, lp in zip(logprobs.tokens, logprobs.top_logprobs, logprobs.token_logprobs):
+        assert 1 <= len(top) <= 2  # (fewer: two ids with one text, e.g. bytes of a character)
+        if "\ufffd" not in "".join(top):  # greedy: the chosen is the top one
+            assert top[token] == pytest.approx(lp) and max(top.values()) == pytest.approx(lp)
+            checked += 1
+    assert checked >= 8  # (of 24: the fixture vocabulary has many byte tokens)
+
+
+def test_streamed_chat_logprobs_carry_the_top_alternatives_in_order(server, pair):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chunks = list(server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=10, temperature=0,
+                                                        logprobs=True, top_logprobs=3, stream=True))
+    content = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert len(content) == 10
+    for entry in content:
+        values = [t.logprob for t in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True) and entry.logprob == pytest.approx(values[0])
+        assert bytes(entry.bytes).decode() == entry.token
+    whole = server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=10, temperature=0,
+                                                  logprobs=True, top_logprobs=3)
+    # (the second request continues the kept conversation: its prompt's KV was computed in
+    # other chunks, so the last bits may differ)
+    assert [e.token for e in whole.choices[0].logprobs.content] == [e.token for e in content]
+    assert [e.logprob for e in whole.choices[0].logprobs.content] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    plain = server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None

@@ -16,7 +16,7 @@ from typing import List, Optional
 import mlx.core as mx
 
 from .proposers import DraftContext, Proposer
-from .sampling import Proposal, accept
+from .sampling import Proposal, accept, token_logprobs
 from ..models.target import Target
 
 
@@ -28,6 +28,8 @@ class RoundResult:
     source: str  # who proposed ("mtp", "ngram", or "none")
     carry: mx.array  # [1, 1, H] hidden state that produced committed[-1]
     interrupted: bool = False  # the row ends after this round (asked before it was built)
+    # per committed id, if the row asked: (its log-prob, [(id, log-prob)] of the top ones)
+    logprobs: Optional[list] = None
 
 
 def commit_length(tokens: list, limit: int, stop_ids) -> int:
@@ -59,8 +61,10 @@ def run_round(target: Target, proposer: Optional[Proposer], rows: list, cache: l
             [r.state for r in rows],
             None if keys is None else keys[:, 0],
         )
-        proposal, hidden, accepted, out, interrupt = draft_and_verify(
-            target, proposer, ctx, cache, counts, None if keys is None else keys[:, 1:], interrupt
+        wanted = [r.request.logprobs for r in rows]
+        top = max((n for n in wanted if n is not None), default=None)
+        proposal, hidden, accepted, out, interrupt, scores = draft_and_verify(
+            target, proposer, ctx, cache, counts, None if keys is None else keys[:, 1:], interrupt, top
         )
     except BaseException:
         for c, positions in zip(cache, saved):
@@ -78,13 +82,23 @@ def run_round(target: Target, proposer: Optional[Proposer], rows: list, cache: l
             drafted, n = drafts[i][:cut], cut
         else:
             drafted = drafts[i][: proposal.counts[i]]
-        results.append(RoundResult(out[i][:cut], drafted, n, source, hidden[i : i + 1, cut - 1 : cut], interrupt))
+        logprobs = None if wanted[i] is None else scored(scores, i, cut, wanted[i])
+        results.append(RoundResult(out[i][:cut], drafted, n, source, hidden[i : i + 1, cut - 1 : cut], interrupt,
+                                   logprobs))
         cuts.append(cut)
     for c in cache:
         c.trim_rows([k + 1 - cut for cut in cuts])
     if k > 0 and proposer is not None:
         proposer.observe(ctx.states, proposal.sources, [r.accepted for r in results], [r.committed for r in results])
     return results
+
+
+def scored(scores, row: int, n: int, top: int) -> list:
+    """Row `row`'s first n positions of `token_logprobs` lists: (log-prob, [(id, log-prob)]
+    of its `top` most likely)."""
+    chosen, ids, values = scores
+    return [(chosen[row][t], [] if ids is None else list(zip(ids[row][t][:top], values[row][t][:top])))
+            for t in range(n)]
 
 
 def round_keys(rows: list) -> Optional[mx.array]:
@@ -98,11 +112,12 @@ def round_keys(rows: list) -> Optional[mx.array]:
 
 
 def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts: List[int],
-                     accept_keys: Optional[mx.array], interrupt: bool = False):
+                     accept_keys: Optional[mx.array], interrupt: bool = False, logprobs: Optional[int] = None):
     """Propose up to max(counts) tokens per row and verify [token, drafts] in one target
     forward. Returns the proposal (with per-row `counts` and `sources`), hidden [B, K + 1, H],
     and, evaluated in the round's one host sync, the accepted counts and the target's tokens
-    [B, K + 1] as lists, and `interrupt` (rank 0's, in a pipeline)."""
+    [B, K + 1] as lists, `interrupt` (rank 0's, in a pipeline), and with `logprobs` (top
+    alternatives) the `token_logprobs` of those tokens as lists (else None)."""
     B, k = len(counts), max(counts)
     proposal = None
     if k > 0 and proposer is not None:
@@ -129,5 +144,8 @@ def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts:
         verdict = pipeline.share(verdict, after=hidden)
         # [B, 1 + (K + 1) + 1] -> [B], [B, K + 1], and the interrupt
         accepted, out, interrupt = verdict[:, 0], verdict[:, 1:-1], verdict[0, -1]
-    mx.eval(accepted, out, interrupt, proposal.tokens)
-    return proposal, hidden, accepted.tolist(), out.tolist(), bool(interrupt)
+    scores = None if logprobs is None else token_logprobs(logits, out, logprobs)
+    mx.eval(accepted, out, interrupt, proposal.tokens, [s for s in scores or () if s is not None])
+    if scores is not None:
+        scores = tuple(None if s is None else s.tolist() for s in scores)
+    return proposal, hidden, accepted.tolist(), out.tolist(), bool(interrupt), scores

@@ -255,3 +255,19 @@ def sample_candidates(q_logprobs: mx.array, ids: Optional[mx.array], greedy: boo
     if ids is not None:
         index = mx.take_along_axis(ids, index[:, None], axis=-1)[:, 0]
     return index, q
+
+
+def token_logprobs(logits: mx.array, tokens: mx.array, top: int):
+    """Log-probabilities of `tokens` [B, T] under the raw distribution of `logits` [B, T, V]
+    (before temperature and processors, as the model gives it), and the `top` most likely
+    ids with theirs, most likely first: [B, T], and [B, T, top] ids and log-probs (None if
+    top is 0)."""
+    lp = logits.astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(lp, tokens[..., None].astype(mx.int32), axis=-1)[..., 0]
+    if top == 0:
+        return chosen, None, None
+    ids = mx.argpartition(-lp, top - 1, axis=-1)[..., :top]
+    values = mx.take_along_axis(lp, ids, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    return chosen, mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)

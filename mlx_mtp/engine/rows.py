@@ -55,6 +55,7 @@ class Update:
     tokens: List[int]
     text: str
     finish_reason: Optional[str]  # "stop", "length", "context", "interrupted", or None while the row goes on
+    logprobs: Optional[list] = None  # per token, if the request asked: (log-prob, [(id, log-prob)] of the top)
 
 
 class Row:

@@ -40,8 +40,8 @@ from typing import List, Optional, Tuple, Union
 import mlx.core as mx
 
 from ..decoding.proposers import Proposer, make_proposer
-from ..decoding.round import round_keys, run_round
-from ..decoding.sampling import Proposal, accept
+from ..decoding.round import round_keys, run_round, scored
+from ..decoding.sampling import Proposal, accept, token_logprobs
 from ..request import NO_LIMIT, GenerationRequest, RowText, check_vocabulary, is_int
 from .costs import Costs, CostModel, choose_k
 from .rows import PromptCache, Reading, Row, Update
@@ -93,6 +93,8 @@ class Engine:
         conversation, if any). Checks what only the loaded pair knows: the ids against the
         vocabulary, the positions against the context."""
         check_vocabulary(request.prompt, self.pair.target.vocab_size)
+        if request.logprobs is not None and self.pair.target.pipeline is not None:
+            raise ValueError("logprobs are not available when the target is split over ranks")
         if prompt_cache is not None and prompt_cache.busy:
             raise ValueError("this prompt cache is in use by another generation")
         needed = (len(prompt_cache.tokens) if prompt_cache is not None else 0) + len(request.prompt)
@@ -193,7 +195,7 @@ class Engine:
     def _first_tokens(self, readings: List[Reading]) -> List[Update]:
         """The token after each prompt (one evaluation for all); each Reading's rows join
         the batch, and rows that token finished leave it at once."""
-        tokens = []
+        tokens, scores = [], []
         pipeline = self.pair.target.pipeline
         for group in (r.rows for r in readings):
             # A round that drafts nothing: the same rule and the same keys as a round's last token.
@@ -208,15 +210,22 @@ class Engine:
                 ids = pipeline.share(ids.astype(mx.int32), after=carry)
                 mx.async_eval(ids)
             tokens.append(ids)
-        mx.eval(tokens, [r.carry for reading in readings for r in reading.rows])
+            top = max((r.request.logprobs for r in group if r.request.logprobs is not None), default=None)
+            scores.append(None if top is None else token_logprobs(logits, ids[:, None], top))
+        mx.eval(tokens, [r.carry for reading in readings for r in reading.rows],
+                [s for group in scores for s in group or () if s is not None])
         updates, finished = [], []
-        for reading, ids in zip(readings, tokens):
-            for row, token in zip(reading.rows, ids.tolist()):
+        for reading, ids, group_scores in zip(readings, tokens, scores):
+            if group_scores is not None:
+                group_scores = tuple(None if s is None else s.tolist() for s in group_scores)
+            for i, (row, token) in enumerate(zip(reading.rows, ids.tolist())):
                 row.tokens += row.prompt
                 row.started = time.perf_counter()
                 row.stats.prompt_time += row.started
                 text = row.commit([token], row.carry)
-                updates.append(Update(row, [token], text, row.finish_reason))
+                n = row.request.logprobs
+                updates.append(Update(row, [token], text, row.finish_reason,
+                                      None if n is None else scored(group_scores, i, 1, n)))
                 if row.finish_reason:
                     finished.append(row)
             self._join(reading)
@@ -272,7 +281,7 @@ class Engine:
         for row, result in zip(rows, results):
             text = row.commit(result.committed, result.carry, result.interrupted)
             row.stats.add_round(result.drafted, result.accepted, result.source, len(result.committed))
-            updates.append(Update(row, result.committed, text, row.finish_reason))
+            updates.append(Update(row, result.committed, text, row.finish_reason, result.logprobs))
         self.stats.rounds += 1
         self.stats.live_rows.append(len(rows))
         self.stats.draft_tokens.append(max(counts))

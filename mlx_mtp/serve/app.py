@@ -120,7 +120,7 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
                     job.leave()
                 raise BadRequest("too many requests: the batch and the queue are full, retry later",
                                  status=429, kind="rate_limit_error")
-        reply = Reply(chat, model_name, len(generation.prompt), rid)
+        reply = Reply(chat, model_name, len(generation.prompt), rid, token_text=lambda t: pair.tokenizer.decode([t]))
         headers = {"x-request-id": rid}
         if stream:  # (sse-starlette ends the stream, and so the jobs, when the client leaves)
             return EventSourceResponse(chunks(jobs, reply, usage_apart), ping=600, headers=headers)
@@ -131,10 +131,10 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
             for job in jobs:
                 job.cancelled = True  # the handler is gone (done, or the client left)
             watch.cancel()
-        if any(finish is None for _, finish, _, _ in choices):  # the client left: nobody reads this
+        if any(c[1] is None for c in choices):  # the client left: nobody reads this
             return Response(status_code=499)
         tokens, stats = sum(c[2] for c in choices), Stats.pooled([c[3] for c in choices])
-        return JSONResponse(reply.whole([c[:2] for c in choices], tokens, stats), headers=headers)
+        return JSONResponse(reply.whole([(c[0], c[1], c[4]) for c in choices], tokens, stats), headers=headers)
 
     async def models(request: Request):
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-mtp"}
@@ -165,12 +165,13 @@ async def leave_on_disconnect(request: Request, jobs: List[Job]):
 
 
 async def whole(job: Job):
-    """(text, finish reason, completion tokens, stats) of one choice; finish None if the
-    client left."""
-    parts, finish, tokens, stats = [], None, 0, None
-    async for text, finish, tokens, stats in job.updates():
+    """(text, finish reason, completion tokens, stats, logprobs or None) of one choice;
+    finish None if the client left."""
+    parts, finish, tokens, stats, logprobs = [], None, 0, None, None
+    async for text, finish, tokens, stats, new in job.updates():
         parts.append(text)
-    return "".join(parts), finish, tokens, stats
+        logprobs = None if new is None else (logprobs or []) + new
+    return "".join(parts), finish, tokens, stats, logprobs
 
 
 async def chunks(jobs: List[Job], reply: Reply, usage_apart: bool):
@@ -199,11 +200,11 @@ async def chunks(jobs: List[Job], reply: Reply, usage_apart: bool):
             if isinstance(update, BadRequest):  # the response has started: the error is the last event
                 yield {"data": json.dumps({"error": {"message": str(update), "type": update.kind, "param": None}})}
                 return
-            text, finish, totals[index], stats[index] = update
+            text, finish, totals[index], stats[index], logprobs = update
             if finish and not usage_apart:
-                yield {"data": json.dumps(reply.chunk(text, finish, index, totals[index], stats[index]))}
+                yield {"data": json.dumps(reply.chunk(text, finish, index, totals[index], stats[index], logprobs))}
             else:
-                yield {"data": json.dumps(reply.chunk(text, finish, index))}
+                yield {"data": json.dumps(reply.chunk(text, finish, index, logprobs=logprobs))}
         if any(s is None for s in stats):  # (a choice ended without a token: its client left)
             return
         if usage_apart:

@@ -5,14 +5,14 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from mlx_lm.sample_utils import make_logits_processors
 
 from ..checkpoints.pair import Pair
 from ..conversation import render
 from ..decoding.sampling import SamplingParams
-from ..request import GenerationRequest, check_vocabulary, encode
+from ..request import MAX_TOP_LOGPROBS, GenerationRequest, check_vocabulary, encode
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_TOKENS_CAP = 8192  # the default bound on one reply, when the context is longer
@@ -109,8 +109,6 @@ def refuse_unsupported(body: dict):
         "tool_choice": body.get("tool_choice") not in (None, "none", "auto"),
         "functions": bool(body.get("functions")),
         "response_format": body.get("response_format") not in (None, {"type": "text"}),
-        "logprobs": body.get("logprobs") not in (None, False, 0),
-        "top_logprobs": body.get("top_logprobs") not in (None, 0),
         "echo": body.get("echo") not in (None, False),
         "suffix": body.get("suffix") not in (None, ""),
         "best_of": body.get("best_of") not in (None, 1),
@@ -144,12 +142,26 @@ def parse_request(body: dict, context: Optional[int], vocab_size: int, settings:
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     processors = parse_processors(body, vocab_size)
+    logprobs = parse_logprobs(body)
     try:
         params = SamplingParams(temperature, top_p, top_k, min_p, processors)
         return GenerationRequest((), params, max_tokens, seed if seed is None else seed % 2**32,
-                                 settings.draft_tokens, tuple(stop) + tuple(own_stops))
+                                 settings.draft_tokens, tuple(stop) + tuple(own_stops), logprobs=logprobs)
     except ValueError as e:
         raise BadRequest(str(e)) from None
+
+
+def parse_logprobs(body: dict) -> Optional[int]:
+    """Top alternatives to report with each token's log-probability, or None: chat's
+    `logprobs: true` with `top_logprobs`, or the completions' `logprobs: N`."""
+    logprobs = body.get("logprobs")
+    if logprobs is None or logprobs is False:
+        if body.get("top_logprobs"):
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None
+    if logprobs is True:
+        return _number(body, "top_logprobs", 0, int, low=0, high=MAX_TOP_LOGPROBS)
+    return _number(body, "logprobs", 0, int, low=0, high=MAX_TOP_LOGPROBS)
 
 
 def parse_n(body: dict, settings: Settings) -> int:
@@ -237,31 +249,55 @@ class Reply:
     model: str
     prompt_tokens: int  # all of the prompt, also the part a kept conversation had read
     request_id: str  # the server's id of the request, in its log lines too
+    token_text: Callable[[int], str] = str  # an id's text, for logprobs
     id: str = field(init=False)
 
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
 
-    def whole(self, choices: List[Tuple[str, str]], tokens: int, stats) -> dict:
-        """choices: (text, finish reason) of each; tokens: completion tokens of all."""
-        return self._envelope([self._choice(text, finish, "message", i) for i, (text, finish) in enumerate(choices)],
+    def whole(self, choices: List[Tuple[str, str, Optional[list]]], tokens: int, stats) -> dict:
+        """choices: (text, finish reason, logprobs or None) of each; tokens: completion
+        tokens of all."""
+        return self._envelope([self._choice(text, finish, "message", i, logprobs)
+                               for i, (text, finish, logprobs) in enumerate(choices)],
                               False, usage=self._usage(tokens), mtp=mtp_stats(stats))
 
-    def chunk(self, text: str, finish: Optional[str], index: int = 0, tokens: Optional[int] = None, stats=None) -> dict:
-        """One chunk of a stream, of choice `index`; with `tokens` and `stats` (the last chunk
-        of a one-choice reply) the usage and the stats too."""
+    def chunk(self, text: str, finish: Optional[str], index: int = 0, tokens: Optional[int] = None, stats=None,
+              logprobs: Optional[list] = None) -> dict:
+        """One chunk of a stream, of choice `index` (with its new tokens' logprobs, if
+        asked); with `tokens` and `stats` (the last chunk of a one-choice reply) the usage
+        and the stats too."""
         extra = {"usage": self._usage(tokens), "mtp": mtp_stats(stats)} if tokens is not None else {}
-        return self._envelope([self._choice(text, finish, "delta", index)], True, **extra)
+        return self._envelope([self._choice(text, finish, "delta", index, logprobs)], True, **extra)
 
     def usage_chunk(self, tokens: int, stats) -> dict:
         """After every choice of a several-choice stream finished: the usage and the stats."""
         return self._envelope([], True, usage=self._usage(tokens), mtp=mtp_stats(stats))
 
-    def _choice(self, text, finish, key: str, index: int) -> dict:
+    def _choice(self, text, finish, key: str, index: int, logprobs: Optional[list] = None) -> dict:
+        """logprobs: per token (id, log-prob, [(id, log-prob)] of the top ones), or None."""
         finish = "length" if finish == "context" else finish  # OpenAI's name for both limits
         if not self.chat:
-            return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
-        return {"index": index, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": self._completion_logprobs(logprobs)}
+        choice = {"index": index, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": [
+                {**self._token(t, lp), "top_logprobs": [self._token(i, v) for i, v in top]} for t, lp, top in logprobs]}
+        return choice
+
+    def _token(self, token: int, logprob: float) -> dict:
+        text = self.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def _completion_logprobs(self, logprobs: Optional[list]) -> Optional[dict]:
+        """The legacy completions form: tokens, their log-probs, the top ones as {text: log-prob}."""
+        if logprobs is None:
+            return None
+        texts = [self.token_text(t) for t, _, _ in logprobs]
+        offsets = [sum(map(len, texts[:i])) for i in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in logprobs],
+                "top_logprobs": [{self.token_text(i): v for i, v in top} for _, _, top in logprobs],
+                "text_offset": offsets}
 
     def _envelope(self, choices, stream: bool, **extra) -> dict:
         kind = ("chat.completion" + (".chunk" if stream else "")) if self.chat else "text_completion"

@@ -41,8 +41,9 @@ class Job:
         self.events.put_nowait(("gone",))
 
     async def updates(self):
-        """(text, finish reason, completion tokens so far, stats) as the row commits; raises
-        the worker's BadRequest; ends early if the client left."""
+        """(text, finish reason, completion tokens so far, stats, logprobs) as the row
+        commits (logprobs: per new token (id, log-prob, [(id, log-prob)] of the top ones), or
+        None if not asked); raises the worker's BadRequest; ends early if the client left."""
         tokens = 0
         while True:
             event = await self.events.get()
@@ -50,9 +51,10 @@ class Job:
                 return
             if event[0] == "error":
                 raise event[1]
-            _, new, text, finish, stats = event
+            _, new, text, finish, stats, scores = event
             tokens += len(new)
-            yield text, finish, tokens, stats
+            logprobs = None if scores is None else [(t, lp, top) for t, (lp, top) in zip(new, scores)]
+            yield text, finish, tokens, stats, logprobs
             if finish:
                 return
 
@@ -145,7 +147,8 @@ class Worker:
             by_row = {id(job.row): job for job in self.jobs}
             for update in updates:
                 job = by_row[id(update.row)]
-                self._send(job, ("update", update.tokens, update.text, update.finish_reason, update.row.stats))
+                self._send(job, ("update", update.tokens, update.text, update.finish_reason, update.row.stats,
+                                 update.logprobs))
                 if update.finish_reason:
                     self._finish(job, None)
 
