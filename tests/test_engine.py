@@ -491,11 +491,12 @@ def test_a_generation_alone_reads_its_prompt_in_mlx_lms_chunks_and_the_server_en
     assert reads[0] == measured and sum(n for n in reads if n != 1) >= 300
 
 
-def test_logprobs_are_the_targets_raw_ones_for_accepted_drafts_and_bonus_tokens_alike():
+@pytest.mark.parametrize("length", [20, LONG])  # LONG: past a prefill chunk and cache reallocations
+def test_logprobs_are_the_targets_raw_ones_for_accepted_drafts_and_bonus_tokens_alike(length):
     """From the verify forward: equal to plain mlx-lm's forward over the whole text, at
     every committed position, with the top ones in order (the request asks for 3)."""
     pair = load_pair("e2b")
-    prompt = prompt_of(20, seed=41)
+    prompt = prompt_of(length, seed=41)
     expected = plain_greedy(pair.target.model, prompt, 16)
     oracle = ContinuationProposer([prompt + expected], noise=0.3)
     request = GenerationRequest(prompt, SamplingParams(), max_tokens=16, draft_tokens=3, logprobs=3)

@@ -263,6 +263,8 @@ BAD = [
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
      "'top_logprobs' must be <= 20"),
     ("completions", {"prompt": "hi", "logprobs": -1}, "'logprobs' must be >= 0"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": NaN}',
+     "'top_logprobs' must be an integer"),
     ("completions", {"prompt": "hi", "echo": True}, "'echo' is not supported"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42",
      "tool_call_id": "a"}]}, "tool results are not supported"),
@@ -380,7 +382,7 @@ def test_an_address_that_does_not_resolve_fails_in_one_line():
 
 
 NAN_FIELDS = ["temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "presence_penalty",
-              "frequency_penalty", "repetition_penalty", "repetition_context_size"]
+              "frequency_penalty", "repetition_penalty", "repetition_context_size", "n", "logprobs"]
 
 
 @pytest.mark.parametrize("path, field", [("completions", f) for f in NAN_FIELDS + ["logit_bias"]]

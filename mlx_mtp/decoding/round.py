@@ -93,6 +93,11 @@ def run_round(target: Target, proposer: Optional[Proposer], rows: list, cache: l
     return results
 
 
+def as_lists(scores):
+    """`token_logprobs` arrays (evaluated) as lists; None stays None."""
+    return None if scores is None else tuple(None if s is None else s.tolist() for s in scores)
+
+
 def scored(scores, row: int, n: int, top: int) -> list:
     """Row `row`'s first n positions of `token_logprobs` lists: (log-prob, [(id, log-prob)]
     of its `top` most likely)."""
@@ -145,7 +150,5 @@ def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts:
         # [B, 1 + (K + 1) + 1] -> [B], [B, K + 1], and the interrupt
         accepted, out, interrupt = verdict[:, 0], verdict[:, 1:-1], verdict[0, -1]
     scores = None if logprobs is None else token_logprobs(logits, out, logprobs)
-    mx.eval(accepted, out, interrupt, proposal.tokens, [s for s in scores or () if s is not None])
-    if scores is not None:
-        scores = tuple(None if s is None else s.tolist() for s in scores)
-    return proposal, hidden, accepted.tolist(), out.tolist(), bool(interrupt), scores
+    mx.eval(accepted, out, interrupt, proposal.tokens, scores)
+    return proposal, hidden, accepted.tolist(), out.tolist(), bool(interrupt), as_lists(scores)

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..checkpoints.paths import cache_home
 from ..decoding.proposers import DraftContext, MTPProposer
@@ -206,10 +205,8 @@ def product_weights(target) -> Dict[tuple, mx.array]:
     for _, module in target.decoder.named_modules():
         if isinstance(module, MeasuredLinear):
             weights.setdefault(tuple(module.weight.shape), module.weight)
-    tied = getattr(target.lm, "tie_word_embeddings", True)
-    head = target.decoder.embed_tokens if tied else target.lm.lm_head
-    if type(head) in (nn.Embedding, nn.Linear):
-        weights.setdefault(tuple(head.weight.shape), head.weight)
+    if target.cpu_head:
+        weights.setdefault(tuple(target.head.weight.shape), target.head.weight)
     return weights
 
 

@@ -40,7 +40,7 @@ from typing import List, Optional, Tuple, Union
 import mlx.core as mx
 
 from ..decoding.proposers import Proposer, make_proposer
-from ..decoding.round import round_keys, run_round, scored
+from ..decoding.round import as_lists, round_keys, run_round, scored
 from ..decoding.sampling import Proposal, accept, token_logprobs
 from ..request import NO_LIMIT, GenerationRequest, RowText, check_vocabulary, is_int
 from .costs import Costs, CostModel, choose_k
@@ -212,12 +212,9 @@ class Engine:
             tokens.append(ids)
             top = max((r.request.logprobs for r in group if r.request.logprobs is not None), default=None)
             scores.append(None if top is None else token_logprobs(logits, ids[:, None], top))
-        mx.eval(tokens, [r.carry for reading in readings for r in reading.rows],
-                [s for group in scores for s in group or () if s is not None])
+        mx.eval(tokens, [r.carry for reading in readings for r in reading.rows], scores)
         updates, finished = [], []
-        for reading, ids, group_scores in zip(readings, tokens, scores):
-            if group_scores is not None:
-                group_scores = tuple(None if s is None else s.tolist() for s in group_scores)
+        for reading, ids, group_scores in zip(readings, tokens, map(as_lists, scores)):
             for i, (row, token) in enumerate(zip(reading.rows, ids.tolist())):
                 row.tokens += row.prompt
                 row.started = time.perf_counter()

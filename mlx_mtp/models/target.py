@@ -146,16 +146,29 @@ class Target:
         cache[-1].keys = mx.depends(cache[-1].keys, out)
         return out
 
+    @property
+    def tied(self) -> bool:
+        return getattr(self.lm, "tie_word_embeddings", True)
+
+    @property
+    def head(self) -> nn.Module:
+        """The output head: the input embedding when tied."""
+        return self.decoder.embed_tokens if self.tied else self.lm.lm_head
+
+    @property
+    def cpu_head(self) -> bool:
+        """Whether the head runs through `products` (on the CPU, unquantized)."""
+        return self.cpu_kernels and type(self.head) in (nn.Embedding, nn.Linear)
+
     def logits(self, hidden: mx.array) -> mx.array:
         if self.pipeline is not None and not self.pipeline.last:
             # Never evaluated: rank 0 shares what it decides from its logits.
             return mx.zeros((*hidden.shape[:-1], self.vocab_size), mx.float32)
-        tied = getattr(self.lm, "tie_word_embeddings", True)
-        head = self.decoder.embed_tokens if tied else self.lm.lm_head
-        if self.cpu_kernels and type(head) in (nn.Embedding, nn.Linear):
+        head = self.head
+        if self.cpu_head:
             out = product(hidden, head.weight)
         else:  # Metal, or a quantized head with its own kernel
-            out = head.as_linear(hidden) if tied else head(hidden)
+            out = head.as_linear(hidden) if self.tied else head(hidden)
         if self.softcap:
             out = _softcap(out, self.softcap)
         return out
