@@ -28,7 +28,7 @@ from mlx_mtp.models.products import product
 from mlx_mtp.engine.costs import fastest_time
 
 
-def products(weights, rows):
+def candidates(weights, rows):
     """name -> n -> a function that computes every W @ x.T for one x of n rows."""
     xs = {n: np.random.default_rng(n).standard_normal((n, weights[0].shape[1]), dtype=np.float32) for n in rows}
     mx_w, mx_x = [mx.array(w) for w in weights], {n: mx.array(x) for n, x in xs.items()}
@@ -76,11 +76,12 @@ def main():
         print(f"\n{label} ({megabytes:.0f} MB): ms (GB/s of W read once)")
         # One product at a time over every n: OpenBLAS's threads spin for a while after a call
         # and would slow down an MLX product timed right after a numpy one.
-        times = {name: [fastest_time(make(n), repeats) * 1e3 for n in rows] for name, make in products(weights, rows).items()}
+        times = {name: [fastest_time(make(n), repeats) * 1e3 for n in rows] for name, make in candidates(weights, rows).items()}
         print(f"{'n':>3}" + "".join(f"{name:>22}" for name in times) + "  chosen")
         for i, n in enumerate(rows):
             print(f"{n:>3}" + "".join(f"{t[i]:>13.1f} ({megabytes / t[i]:>4.0f})" for t in times.values())
                   + f"  {products.way_for(shape_list[0], n)}")
+
 
 if __name__ == "__main__":
     main()
