@@ -39,6 +39,9 @@ class GenerationResponse:
     finish_reason: Optional[str] = None  # "stop" (EOS), "length", "context", "interrupted", or None while running
     # with a request's `logprobs`: per id, (its log-prob, [(id, log-prob)] of the top ones)
     logprobs: Optional[list] = None
+    # in the first chunk, with a request's `prompt_logprobs`: the same per prompt id (the
+    # first id of a new conversation has none)
+    prompt_logprobs: Optional[list] = None
 
 
 @dataclass
@@ -129,7 +132,8 @@ def stream_generate(
     try:
         while engine.busy:
             for update in engine.step():
-                yield GenerationResponse(update.text, update.tokens, row.stats, update.finish_reason, update.logprobs)
+                yield GenerationResponse(update.text, update.tokens, row.stats, update.finish_reason, update.logprobs,
+                                         update.prompt_logprobs)
     finally:
         engine.remove(row)
 

@@ -36,7 +36,10 @@ class GenerationRequest:
     generation and is not part of it. stop_ids: ids that end it (None: the pair's EOS).
     logprobs: report each committed token's log-probability under the target (its raw
     distribution, from the forward that verified it) with this many top alternatives, 0-20
-    (None: none)."""
+    (None: none). prompt_logprobs: with logprobs, also each prompt id's, under the ids
+    before it (the first id of a new conversation has none), as OpenAI's `echo` scores a
+    prompt. grammar: an llguidance grammar (see `decoding.grammar.json_grammar`) that every
+    committed id must follow (None: free text)."""
 
     prompt: Tuple[int, ...] = ()
     params: SamplingParams = SamplingParams()
@@ -46,6 +49,8 @@ class GenerationRequest:
     stop: Tuple[str, ...] = ()
     stop_ids: Optional[frozenset] = None
     logprobs: Optional[int] = None
+    prompt_logprobs: bool = False
+    grammar: Optional[str] = None
 
     def __post_init__(self):
         if isinstance(self.prompt, (str, bytes)):
@@ -67,6 +72,10 @@ class GenerationRequest:
             object.__setattr__(self, "stop_ids", frozenset(token_ids(self.stop_ids)))
         if self.logprobs is not None and not (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS} top alternatives, got {self.logprobs!r}")
+        if not isinstance(self.prompt_logprobs, bool) or (self.prompt_logprobs and self.logprobs is None):
+            raise ValueError("prompt_logprobs must be True or False, and True only with logprobs")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"grammar must be an llguidance grammar (a string), got {type(self.grammar).__name__}")
 
     def with_prompt(self, prompt: Sequence[int]) -> "GenerationRequest":
         """The same settings for other ids (e.g. flags checked before the model is loaded)."""

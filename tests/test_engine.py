@@ -512,3 +512,34 @@ def test_logprobs_are_the_targets_raw_ones_for_accepted_drafts_and_bonus_tokens_
         assert len(top) == 3
     with pytest.raises(ValueError, match="logprobs must be in 0..20"):
         GenerationRequest(prompt, logprobs=21)
+
+
+@pytest.mark.parametrize("step, score_bytes", [(16, None), (MLX_LM_PREFILL, 4 * 512 * 100)])
+def test_prompt_logprobs_are_the_targets_at_every_prompt_position(monkeypatch, step, score_bytes):
+    """Echo's scores: each prompt id but the first under plain mlx-lm's forward, across
+    prefill chunks (16 ids) and across the head's slices of a 2048-id chunk (100 positions
+    a slice here), for two rows read together that ask for different top counts."""
+    from mlx_mtp.engine import rows
+
+    if score_bytes is not None:
+        monkeypatch.setattr(rows, "SCORE_BYTES", score_bytes)
+    pair = load_pair("e2b")
+    prompts = [prompt_of(230, seed=42), prompt_of(230, seed=43)]
+    engine = Engine(pair, prefill_step_size=step)
+    wanted = [GenerationRequest(p, max_tokens=2, logprobs=n, prompt_logprobs=True) for p, n in zip(prompts, (0, 4))]
+    added = [engine.add(r) for r in wanted]
+    firsts = {}
+    while engine.busy:
+        for update in engine.step():
+            firsts.setdefault(id(update.row), update)
+    for row, prompt, top in zip(added, prompts, (0, 4)):
+        scores = firsts[id(row)].prompt_logprobs
+        logits = pair.target.model(mx.array([prompt]))[0].astype(mx.float32)
+        reference = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        assert len(scores) == len(prompt) - 1
+        assert [lp for lp, _ in scores] == pytest.approx(
+            [reference[i, t].item() for i, t in enumerate(prompt[1:])], abs=1e-4)
+        for i, (_, alternatives) in enumerate(scores):
+            assert [t for t, _ in alternatives] == mx.argsort(-reference[i])[:top].tolist()
+    with pytest.raises(ValueError, match="True only with logprobs"):
+        GenerationRequest(prompts[0], prompt_logprobs=True)

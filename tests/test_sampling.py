@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_mtp.decoding.proposers import _overlay
+from mlx_mtp.decoding.proposers import overlay
 from mlx_mtp.decoding.sampling import Proposal, SamplingParams, accept_greedy, accept_sampled, log_probs
 
 V, K, ROWS = 5, 2, 200_000
@@ -42,10 +42,10 @@ def conditional(table_list, prefix, i):
     return t if i else mx.broadcast_to(t, (prefix.shape[0], V))
 
 
-def run_round(p_tables, q_tables, params, q_support=None, overlay=None):
+def run_round(p_tables, q_tables, params, q_support=None, lookup=None):
     """Draft K from q, verify against p, complete each row to K + 1 tokens from p.
 
-    overlay: "dense" or "sparse": every other row gets a deterministic n-gram-style
+    lookup: "dense" or "sparse": every other row gets a deterministic n-gram-style
     proposal instead, merged into the drafter's proposal as the hybrid proposer does."""
     mx.random.seed(7)
     drafts, q_draft, q_lp = [], [], []
@@ -61,11 +61,11 @@ def run_round(p_tables, q_tables, params, q_support=None, overlay=None):
         q_lp.append(lp)
         prefix = mx.concatenate([prefix, tok[:, None].astype(mx.int32)], axis=1)
     proposal = Proposal(prefix, mx.stack(q_draft, 1), mx.stack(q_lp, 1))
-    if overlay:
-        if overlay == "sparse":  # the same q, expressed over candidate ids
+    if lookup:
+        if lookup == "sparse":  # the same q, expressed over candidate ids
             proposal.q_ids = mx.broadcast_to(mx.arange(V), proposal.q_logprobs.shape)
         lookups = [[r % V, (r // 2) % V] if r % 2 else None for r in range(ROWS)]
-        proposal = _overlay(proposal, lookups, V)
+        proposal = overlay(proposal, lookups, V)
         prefix = proposal.tokens
     p_lp = mx.stack([log_probs(conditional(p_tables, prefix, i), params) for i in range(K + 1)], axis=1)
     accepted, tokens = accept_sampled(p_lp, proposal)
@@ -116,12 +116,12 @@ def test_speculative_sampling_matches_target_distribution(params, q_kind):
     assert chi_square_p_value(counts(out).ravel(), expected.ravel()) > 1e-3
 
 
-@pytest.mark.parametrize("overlay", ["dense", "sparse"])
-def test_rows_mixing_lookup_and_drafter_proposals_match_target_distribution(overlay):
+@pytest.mark.parametrize("lookup", ["dense", "sparse"])
+def test_rows_mixing_lookup_and_drafter_proposals_match_target_distribution(lookup):
     params = SamplingParams(temperature=1.0)
     p = tables(0, 1.5)
     q = [t + 0.3 * n for t, n in zip(p, tables(1, 1.0))]
-    out, _ = run_round(p, q, params, overlay=overlay)
+    out, _ = run_round(p, q, params, lookup=lookup)
     expected = expected_joint(p, params) * ROWS
     assert chi_square_p_value(counts(out).ravel(), expected.ravel()) > 1e-3
 

@@ -31,12 +31,14 @@ def exact_probabilities(model, prompt, sequences, params):
     return [out[s] for s in sequences]
 
 
-def goodness_of_fit(samples, model, params, prompt=PROMPT) -> float:
-    """Chi-square p-value of the observed continuations against the target's own."""
+def goodness_of_fit(samples, model, params, prompt=PROMPT, probabilities=None) -> float:
+    """Chi-square p-value of the observed continuations against the target's own
+    (`probabilities`: distinct continuations -> their probabilities, if not the target's)."""
     counts = Counter(tuple(s) for s in samples)
     n = len(samples)
     distinct = sorted(counts)
-    expected = dict(zip(distinct, exact_probabilities(model, prompt, distinct, params)))
+    probabilities = probabilities or (lambda seqs: exact_probabilities(model, prompt, seqs, params))
+    expected = dict(zip(distinct, probabilities(distinct)))
     chi, cells, pooled_obs, pooled_exp = 0.0, 0, n, n
     for s in distinct:
         e = expected[s] * n

@@ -10,16 +10,19 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import httpx
 import mlx.core as mx
 import openai
+import pydantic
 import pytest
 from mlx_lm.sample_utils import make_logits_processors
 
 import mlx_mtp
 from conftest import MLX_LM_PREFILL, FIXTURES, load_pair, plain_greedy, prompt_of
 from mlx_mtp.conversation import DIALOGUE_STOPS, render_dialogue
+from mlx_mtp.decoding.grammar import json_grammar
 from mlx_mtp.request import encode
 
 TARGET, DRAFTER = str(FIXTURES / "target_e2b"), str(FIXTURES / "drafter_sparse")
@@ -252,20 +255,34 @@ BAD = [
     ("completions", {"prompt": "hi", "n": 0}, "'n' must be >= 1"),
     ("completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
     ("completions", {"prompt": "hi", "n": 5}, "'n' must be <= 4"),  # (the module server's --max-batch)
-    ("completions", {"prompt": ["a", "b"]}, "'prompt' holds 2 prompts; send one prompt per request"),
+    ("completions", {"prompt": ["a"] * 7}, "7 prompts x 1 choices is over the 6 rows"),
+    ("completions", {"prompt": ["a", "b"], "n": 4}, "2 prompts x 4 choices is over the 6 rows"),
+    ("completions", {"prompt": ["a", [5, 10**7]]}, "outside the vocabulary"),
+    ("completions", {"prompt": [[5, 6], []]}, "empty"),
+    ("completions", {"prompt": [[5, 6], ["a"]]}, "integers"),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, "'max_tokens' must be >= 1"),
+    ("completions", {"prompt": "hi", "draft_tokens": 17}, "'draft_tokens' must be <= 16"),
+    ("completions", {"prompt": "hi", "draft_tokens": "many"}, "'draft_tokens' must be an integer"),
+    ("completions", {"prompt": "hi", "echo": "yes"}, "'echo' must be true or false"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True}, "'echo' is a field of /v1/completions"),
     ("completions", {"prompt": "hi", "stop": 5}, "stop"),
     # Not built yet: refused, never silently ignored.
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function",
      "function": {"name": "f", "parameters": {}}}]}, "'tools' is not supported by this server yet"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-     "'response_format' is not supported"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+     "'response_format' must be"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema",
+     "json_schema": {"name": "a", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}},
+     "cannot be compiled"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema",
+     "json_schema": {"name": "a", "schema": [1]}}}, "'schema' is a JSON schema"),
+    ("completions", {"prompt": "hi", "response_format": "json"}, "'response_format' must be"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "needs 'logprobs'"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
      "'top_logprobs' must be <= 20"),
     ("completions", {"prompt": "hi", "logprobs": -1}, "'logprobs' must be >= 0"),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": NaN}',
      "'top_logprobs' must be an integer"),
-    ("completions", {"prompt": "hi", "echo": True}, "'echo' is not supported"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42",
      "tool_call_id": "a"}]}, "tool results are not supported"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "function", "name": "f",
@@ -568,3 +585,134 @@ def test_streamed_chat_logprobs_carry_the_top_alternatives_in_order(server, pair
     assert [e.logprob for e in whole.choices[0].logprobs.content] == pytest.approx([e.logprob for e in content], abs=1e-4)
     plain = server.client.chat.completions.create(model=TARGET, messages=messages, max_tokens=3, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_several_prompts_are_choices_of_their_own_in_order(server, pair):
+    prompts = [prompt_of(7, seed=50), "Hello world", prompt_of(90, seed=51)]
+    out = complete(server, prompts, max_tokens=9, n=2)
+    assert [c.index for c in out.choices] == list(range(6))
+    for p, prompt in enumerate(prompts):
+        expected = solo(pair, prompt, max_tokens=9, num_draft_tokens=K).text
+        assert [out.choices[2 * p + i].text for i in range(2)] == [expected, expected]
+    ids = [encode(pair.tokenizer, p) for p in prompts]
+    assert out.usage.prompt_tokens == sum(map(len, ids)) and out.usage.completion_tokens == 6 * 9
+
+
+def test_echo_scores_every_prompt_id_but_the_first_as_lm_eval_reads_them(server, pair):
+    """lm-eval's log-likelihood request: token-id prompts, max_tokens 1, logprobs 1, echo.
+    A reply carries len(prompt) + 1 entries: the prompt's (the first None) and the token."""
+    prompts = [prompt_of(5, seed=52), prompt_of(PREFILL * 2 + 30, seed=53)]  # (one crosses prefill chunks)
+    out = complete(server, prompts, max_tokens=1, logprobs=1, echo=True, seed=1234)
+    for prompt, choice in zip(prompts, out.choices):
+        token = solo(pair, prompt, max_tokens=1).tokens
+        reference = target_logprobs(pair, prompt[:1], prompt[1:] + token)
+        logprobs = choice.logprobs
+        assert len(logprobs.token_logprobs) == len(prompt) + 1
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert logprobs.token_logprobs[1:] == pytest.approx(reference, abs=1e-3)
+        assert logprobs.tokens == [pair.tokenizer.decode([t]) for t in prompt + token]
+        assert choice.text == pair.tokenizer.decode(prompt) + pair.tokenizer.decode(token)
+    assert out.usage.completion_tokens == 2
+    # a string prompt echoes as sent; max_tokens 0 scores the prompt alone
+    alone = complete(server, "Hello world", max_tokens=0, logprobs=0, echo=True)
+    ids = encode(pair.tokenizer, "Hello world")
+    assert alone.choices[0].text == "Hello world" and alone.choices[0].finish_reason == "length"
+    assert len(alone.choices[0].logprobs.token_logprobs) == len(ids) and alone.usage.completion_tokens == 0
+    assert alone.choices[0].logprobs.token_logprobs[1:] == pytest.approx(target_logprobs(pair, ids[:1], ids[1:]), abs=1e-3)
+
+
+def test_a_streamed_echo_starts_with_the_prompt(server, pair):
+    prompt = "one two three one two three"
+    chunks = list(complete(server, prompt, max_tokens=8, echo=True, stream=True))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[0].choices[0].text.startswith(prompt)
+    assert text == prompt + solo(pair, prompt, max_tokens=8, num_draft_tokens=K).text
+
+
+class Reading(pydantic.BaseModel):
+    ok: bool
+    color: Literal["red", "green", "blue"]
+    name: str = pydantic.Field(max_length=6)
+
+
+def test_a_json_schema_reply_parses_into_the_clients_model_and_equals_the_target_alone(server, pair):
+    """The openai SDK's `parse` sends a strict json_schema: the reply parses and
+    validates, and is the target's own greedy output under that grammar."""
+    from test_grammar import constrained_plain
+
+    messages = [{"role": "user", "content": "Describe the reading."}]
+    out = server.client.chat.completions.parse(model=TARGET, messages=messages, response_format=Reading,
+                                               max_tokens=60, temperature=0)
+    assert isinstance(out.choices[0].message.parsed, Reading) and out.choices[0].finish_reason == "stop"
+    schema = openai.lib._pydantic.to_strict_json_schema(Reading)
+    ids = chat_ids(pair, messages)
+    expected = constrained_plain(pair, ids, json_grammar(schema), 60)
+    assert out.choices[0].message.content == pair.tokenizer.decode([t for t in expected if t not in pair.eos_ids])
+    assert out.model_extra["mtp"]["by_source"]["grammar"]["acceptance"] == 1.0
+
+
+def chat_ids(pair, messages):
+    from mlx_mtp.conversation import render
+
+    return encode(pair.tokenizer, render(pair, messages))
+
+
+def test_json_object_replies_stream_and_stop_at_max_tokens_with_length(server):
+    body = dict(model=TARGET, messages=[{"role": "user", "content": "Give me JSON."}], temperature=0.7, seed=3,
+                response_format={"type": "json_object"})
+    whole = server.client.chat.completions.create(max_tokens=200, **body)
+    assert whole.choices[0].finish_reason == "stop" and isinstance(json.loads(whole.choices[0].message.content), dict)
+    chunks = list(server.client.chat.completions.create(max_tokens=200, stream=True, **body))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    cut = server.client.chat.completions.create(max_tokens=3, **{**body, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content.startswith("{")
+    completion = complete(server, "Some JSON:", max_tokens=200, extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(completion.choices[0].text), dict)
+
+
+def test_lm_eval_runs_a_log_likelihood_task_from_a_local_file_as_the_target_scores_it(server, pair, tmp_path,
+                                                                                       monkeypatch):
+    """lm-eval-harness's `local-completions` (its own request: token-id prompts, echo,
+    logprobs 1, two prompts per request) on a task read from a local file: each sample's
+    log-likelihood and greediness are plain mlx-lm's over the same ids."""
+    import lm_eval
+    import transformers
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    questions = [("The sky is", " blue and wide"), ("one two three", " one two three"), ("Hello", " world")]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"context": c, "continuation": t}) + "\n" for c, t in questions))
+    (tmp_path / "tiny.yaml").write_text(
+        f"task: mlx_mtp_tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{context}}'\n"
+        "doc_to_target: '{{continuation}}'\nmetric_list:\n  - metric: acc\n")
+    args = (f"base_url={server.url}/v1/completions,model={TARGET},tokenizer_backend=huggingface,tokenizer={TARGET},"
+            "add_bos_token=True,batch_size=2")
+    out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["mlx_mtp_tiny"],
+                                  task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
+    samples = sorted(out["samples"]["mlx_mtp_tiny"], key=lambda x: x["doc_id"])
+    hf = transformers.AutoTokenizer.from_pretrained(TARGET)
+    assert len(samples) == len(questions)
+    for (context, continuation), sample in zip(questions, samples):
+        logprob, greedy = sample["resps"][0][0]
+        whole, head = hf(context + continuation)["input_ids"], hf(context)["input_ids"]
+        logits = pair.target.model(mx.array([whole]))[0].astype(mx.float32)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        positions = range(len(head) - 1, len(whole) - 1)
+        # (relative 2e-6: the sums are ~-100 here, each term within ~1e-5)
+        assert logprob == pytest.approx(sum(lp[i, whole[i + 1]].item() for i in positions), rel=2e-6, abs=1e-4)
+        assert greedy == all(mx.argmax(lp[i]).item() == whole[i + 1] for i in positions)
+
+
+def test_a_request_turns_speculation_off_or_fixes_its_own_k(server, pair):
+    prompt = "one two three one two three one two three"
+    for k in (0, 4):
+        out = complete(server, prompt, max_tokens=20, temperature=0.8, seed=4, extra_body={"draft_tokens": k})
+        expected = solo(pair, prompt, max_tokens=20, temperature=0.8, seed=4, num_draft_tokens=k)
+        assert out.choices[0].text == expected.text
+        assert (out.model_extra["mtp"]["drafted_tokens"] > 0) == (k > 0)
+    auto = complete(server, prompt, max_tokens=5, extra_body={"draft_tokens": "auto"})
+    assert auto.usage.completion_tokens == 5

@@ -234,7 +234,7 @@ class HybridProposer:
         else:
             proposal = self.mtp.propose(ctx, k)
             if any(r is not None for r in lookups):
-                proposal = _overlay(proposal, lookups, self.mtp.vocab_size)
+                proposal = overlay(proposal, lookups, self.mtp.vocab_size)
         proposal.sources = ["ngram" if r is not None else "mtp" for r in lookups]
         return proposal
 
@@ -253,7 +253,7 @@ class HybridProposer:
                 state.hits["ngram"] += lookup[0] == tokens[0]
 
 
-def _overlay(proposal: Proposal, lookups, vocab_size: int) -> Proposal:
+def overlay(proposal: Proposal, lookups, vocab_size: int) -> Proposal:
     """Replace the rows that have an n-gram proposal by it, with q = 1 on its tokens."""
     use = mx.array([r is not None for r in lookups])[:, None]  # [B, 1]
     ngram = mx.array([r if r is not None else [0] * proposal.k for r in lookups])  # [B, K]

@@ -15,8 +15,10 @@ from typing import List, Optional
 
 import mlx.core as mx
 
-from .proposers import DraftContext, Proposer
+from .grammar import allowed_ids
+from .proposers import DraftContext, Proposer, deterministic, overlay
 from .sampling import Proposal, accept, token_logprobs
+from ..models.cache import MAX_DRAFT_TOKENS
 from ..models.target import Target
 
 
@@ -63,8 +65,13 @@ def run_round(target: Target, proposer: Optional[Proposer], rows: list, cache: l
         )
         wanted = [r.request.logprobs for r in rows]
         top = max((n for n in wanted if n is not None), default=None)
+        constraints = [getattr(r, "constraint", None) for r in rows]
+        # forced ids: as many as the cache takes, or a row's fixed K (K = 0: plain decoding)
+        fixed = [getattr(r, "draft_tokens", None) for r in rows]
+        caps = [min(MAX_DRAFT_TOKENS if k is None else k, limit - 1) for k, limit in zip(fixed, limits)]
         proposal, hidden, accepted, out, interrupt, scores = draft_and_verify(
-            target, proposer, ctx, cache, counts, None if keys is None else keys[:, 1:], interrupt, top
+            target, proposer, ctx, cache, counts, None if keys is None else keys[:, 1:], interrupt, top,
+            constraints if any(c is not None for c in constraints) else None, caps
         )
     except BaseException:
         for c, positions in zip(cache, saved):
@@ -117,23 +124,43 @@ def round_keys(rows: list) -> Optional[mx.array]:
 
 
 def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts: List[int],
-                     accept_keys: Optional[mx.array], interrupt: bool = False, logprobs: Optional[int] = None):
+                     accept_keys: Optional[mx.array], interrupt: bool = False, logprobs: Optional[int] = None,
+                     constraints: Optional[list] = None, caps: Optional[List[int]] = None):
     """Propose up to max(counts) tokens per row and verify [token, drafts] in one target
     forward. Returns the proposal (with per-row `counts` and `sources`), hidden [B, K + 1, H],
     and, evaluated in the round's one host sync, the accepted counts and the target's tokens
     [B, K + 1] as lists, `interrupt` (rank 0's, in a pipeline), and with `logprobs` (top
-    alternatives) the `token_logprobs` of those tokens as lists (else None)."""
-    B, k = len(counts), max(counts)
+    alternatives) the `token_logprobs` of those tokens as lists (else None).
+
+    constraints: per row a grammar `Constraint` or None (None: no row has one). A row's
+    forced ids are its drafts (up to caps[i]), drafts its grammar forbids are cut, and its
+    target distribution is masked at every verified position (drafts meet the host first)."""
+    B = len(counts)
+    forced = [[] if c is None else c.forced()[:cap] for c, cap in zip(constraints or [None] * B, caps or [0] * B)]
+    counts = [len(f) or n for f, n in zip(forced, counts)]
+    k = max(counts)
     proposal = None
-    if k > 0 and proposer is not None:
+    if proposer is not None and any(n and not f for f, n in zip(forced, counts)):
         ctx.shared_kv = target.shared_kv(cache)
         proposal = proposer.propose(ctx, k)
     if proposal is None:
         proposal = Proposal(mx.zeros((B, 0), mx.int32))
-        counts = [0] * B
-    sources = proposal.sources or [proposer.name] * B
+        counts = [len(f) for f in forced]
+        sources = ["none"] * B
+    else:
+        sources = proposal.sources or [proposer.name] * B
+    if any(forced):  # the grammar's ids, with q = 1, in place of the proposer's
+        padded = [f + f[-1:] * (k - len(f)) if f else None for f in forced]
+        proposal = overlay(proposal, padded, target.vocab_size) if proposal.k else deterministic(
+            mx.array([p or [0] * k for p in padded]))
+        sources = ["grammar" if f else s for f, s in zip(forced, sources)]
     if proposal.k:  # rows the proposer had nothing for draft nothing
         counts = [0 if s == "none" else n for s, n in zip(sources, counts)]
+    mask = None
+    if constraints is not None:
+        drafts = proposal.tokens.tolist() if proposal.k else [[] for _ in counts]
+        counts = [n if c is None or f else c.allowed(d[:n]) for c, f, d, n in zip(constraints, forced, drafts, counts)]
+        mask = allowed_ids(constraints, [d[:n] for d, n in zip(drafts, counts)], proposal.k + 1, target.vocab_size)
     proposal.counts = counts
     proposal.sources = [s if n else "none" for s, n in zip(sources, counts)]
 
@@ -143,7 +170,7 @@ def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts:
         mx.async_eval(proposal.tokens)
     hidden = target.hidden(mx.concatenate([ctx.token[:, None], proposal.tokens], axis=1), cache)
     logits = target.logits(hidden)  # [B, K + 1, V]
-    accepted, out = accept(logits, proposal, counts, ctx.params, accept_keys, ctx.history)
+    accepted, out = accept(logits, proposal, counts, ctx.params, accept_keys, ctx.history, mask)
     if pipeline is not None:  # rank 0's decision, so that every rank commits and trims alike
         verdict = mx.concatenate([accepted[:, None], out, mx.full((B, 1), interrupt)], axis=1).astype(mx.int32)
         verdict = pipeline.share(verdict, after=hidden)

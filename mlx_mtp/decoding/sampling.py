@@ -221,15 +221,18 @@ def regroup(parts: List[mx.array], groups: List[tuple]) -> mx.array:
 
 
 def accept(target_logits: mx.array, proposal: Proposal, counts: List[int], params: list, keys: Optional[mx.array],
-           histories: List[List[int]]):
+           histories: List[List[int]], allowed: Optional[mx.array] = None):
     """Verify every row by its own rule: accepted [B] and tokens [B, K+1].
 
     Row i considers only its first counts[i] drafts, with its own sampling settings
     params[i] (logits processors first, on the ids histories[i] + its drafts) and random
     keys keys[i] ([B, 2, 2], see `accept_sampled`): a row decides exactly as it would alone
-    at that K. Rows with equal settings and counts share one graph.
+    at that K. Rows with equal settings and counts share one graph. allowed [B, K+1, V]:
+    the ids a grammar allows at each position (None: all).
     """
     target_logits = process_logits(target_logits, params, histories, proposal.tokens)
+    if allowed is not None:
+        target_logits = mx.where(allowed, target_logits, -mx.inf)
     if all(p.greedy for p in params):
         return accept_greedy(target_logits, proposal.tokens, mx.array(counts))
     K = proposal.k

@@ -6,6 +6,8 @@ from typing import List, Optional
 
 import mlx.core as mx
 
+from ..decoding.round import as_lists, scored
+from ..decoding.sampling import token_logprobs
 from ..request import GenerationRequest, RowText
 from .stats import Stats
 
@@ -56,6 +58,8 @@ class Update:
     text: str
     finish_reason: Optional[str]  # "stop", "length", "context", "interrupted", or None while the row goes on
     logprobs: Optional[list] = None  # per token, if the request asked: (log-prob, [(id, log-prob)] of the top)
+    # with the first token, if the request asked: the same per prompt id but the first of a new conversation
+    prompt_logprobs: Optional[list] = None
 
 
 class Row:
@@ -63,7 +67,7 @@ class Row:
     newest, its random key, proposer state, stats and text."""
 
     def __init__(self, request: GenerationRequest, conversation: Optional[PromptCache], key: Optional[mx.array],
-                 max_tokens: int, at_context: bool, stop_ids: frozenset, state, text: RowText):
+                 max_tokens: int, at_context: bool, stop_ids: frozenset, state, text: RowText, constraint=None):
         self.request = request
         self.prompt = list(request.prompt)  # ids to read after the conversation's
         self.stop_ids = stop_ids  # the request's, or the pair's EOS ids
@@ -77,7 +81,9 @@ class Row:
         self.at_context = at_context
         self.state = state  # the proposer's state for this row
         self.text = text
+        self.constraint = constraint  # the grammar's state (decoding.grammar.Constraint), or None
         self.generated: List[int] = []
+        self.prompt_scores: list = []  # (log-prob, top) of the prompt ids read so far, if asked
         self.stats = Stats(prompt_tokens=len(self.prompt))
         self.finish_reason: Optional[str] = None
         self.started = 0.0  # when the first token was committed
@@ -111,6 +117,8 @@ class Row:
             self.key = mx.random.split(self.key, 4)[0]
         self.tokens += tokens
         self.generated += tokens
+        if self.constraint is not None:
+            self.constraint.commit(tokens)
         self.carry = carry
         self.stats.generation_tokens += len(tokens)
         if tokens[-1] in self.stop_ids:
@@ -124,6 +132,9 @@ class Row:
         if stopped:
             self.finish_reason = "stop"
         return text
+
+
+SCORE_BYTES = 1 << 28  # logits scored at once, when a prompt's ids are scored
 
 
 class Reading:
@@ -148,9 +159,28 @@ class Reading:
         chunk = [pending + row.prompt[self.read : self.read + n] for row in self.rows]
         hidden = target.hidden(mx.array(chunk), self.cache)  # [R, n (+1), H]
         self.read += n
+        if any(row.request.prompt_logprobs for row in self.rows):
+            # each position scores the id after it; the prompt's last one, the first token
+            after = [(pending + row.prompt[self.read - n : self.read + 1])[1:] for row in self.rows]
+            self._score(target, hidden[:, : len(after[0])], mx.array(after))
         if not self.left:
             for i, row in enumerate(self.rows):
                 row.carry = hidden[i : i + 1, -1:]
+
+    def _score(self, target, hidden: mx.array, after: mx.array):
+        """Each asking row's log-probs of the ids `after` [R, T] under `hidden` [R, T, H],
+        through the head a slice of positions at a time (a [R, T, V] float32 array of a
+        2048-id chunk would take gigabytes)."""
+        top = max(row.request.logprobs for row in self.rows if row.request.prompt_logprobs)
+        R, T = after.shape
+        step = max(1, SCORE_BYTES // (4 * R * target.vocab_size))
+        for start in range(0, T, step):
+            part = token_logprobs(target.logits(hidden[:, start : start + step]), after[:, start : start + step], top)
+            mx.eval(part)
+            part = as_lists(part)
+            for i, row in enumerate(self.rows):
+                if row.request.prompt_logprobs:
+                    row.prompt_scores += scored(part, i, len(part[0][i]), row.request.logprobs)
 
     def drop(self, row: Row):
         keep = [i for i, r in enumerate(self.rows) if r is not row]

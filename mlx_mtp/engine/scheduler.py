@@ -39,6 +39,7 @@ from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 
+from ..decoding.grammar import Constraint, allowed_ids, grammar_tokenizer
 from ..decoding.proposers import Proposer, make_proposer
 from ..decoding.round import as_lists, round_keys, run_round, scored
 from ..decoding.sampling import Proposal, accept, token_logprobs
@@ -110,12 +111,22 @@ class Engine:
             seed = request.seed if request.seed is not None else mx.random.randint(0, 2**31 - 1).item()
             key = mx.random.key(seed)
         stop_ids = self.pair.eos_ids if request.stop_ids is None else request.stop_ids
+        constraint = None if request.grammar is None else self._constraint(request.grammar)
         state = self.proposer.new_state() if self.proposer is not None else None
         row = Row(request, prompt_cache, key, max_tokens, at_context, stop_ids, state,
-                  RowText(self.pair.tokenizer, stop_ids, request.stop))
+                  RowText(self.pair.tokenizer, stop_ids, request.stop), constraint)
         row.conversation.busy = True
         self.waiting.append(row)
         return row
+
+    def _constraint(self, grammar: str) -> Constraint:
+        """A row's grammar state (ValueError: no tokenizer, a pipeline, a bad grammar)."""
+        if self.pair.tokenizer is None:
+            raise ValueError("structured output needs the target's tokenizer")
+        if self.pair.target.pipeline is not None:
+            raise ValueError("structured output is not available when the target is split over ranks")
+        tokenizer = grammar_tokenizer(self.pair.tokenizer, self.pair.target.vocab_size, self.pair.eos_ids)
+        return Constraint(grammar, tokenizer)
 
     def remove(self, row: Row):
         """Take a row out now (finished or not), handing back its conversation."""
@@ -203,8 +214,12 @@ class Engine:
             logits = self.pair.target.logits(carry)  # [G, 1, V]
             keys = round_keys(group)
             empty = Proposal(mx.zeros((len(group), 0), mx.int32))
+            constraints = [r.constraint for r in group]
+            allowed = None
+            if any(c is not None for c in constraints):
+                allowed = allowed_ids(constraints, [[]] * len(group), 1, self.pair.target.vocab_size)
             _, ids = accept(logits, empty, [0] * len(group), [r.params for r in group],
-                            None if keys is None else keys[:, 1:], [r.tokens + r.prompt for r in group])
+                            None if keys is None else keys[:, 1:], [r.tokens + r.prompt for r in group], allowed)
             ids = ids[:, 0]
             if pipeline is not None:  # rank 0's ids; each group's forward runs in turn on every rank
                 ids = pipeline.share(ids.astype(mx.int32), after=carry)
@@ -222,7 +237,8 @@ class Engine:
                 text = row.commit([token], row.carry)
                 n = row.request.logprobs
                 updates.append(Update(row, [token], text, row.finish_reason,
-                                      None if n is None else scored(group_scores, i, 1, n)))
+                                      None if n is None else scored(group_scores, i, 1, n),
+                                      row.prompt_scores if row.request.prompt_logprobs else None))
                 if row.finish_reason:
                     finished.append(row)
             self._join(reading)

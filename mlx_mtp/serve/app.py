@@ -34,8 +34,8 @@ from ..checkpoints.pair import Pair
 from ..conversation import stop_strings
 from ..engine.stats import Stats
 from .follower import follow
-from .protocol import (BadRequest, Reply, Settings, chat_prompt, completion_prompt, parse_body, parse_n, parse_request,
-                       parse_stream)
+from .protocol import (BadRequest, Reply, Settings, chat_prompt, check_response_format, completion_prompts, parse_body,
+                       parse_echo, parse_n, parse_request, parse_stream)
 from .worker import Job, Worker
 
 logger = logging.getLogger(__name__)
@@ -94,47 +94,62 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
     created = int(time.time())
 
     def prepare(raw: bytes, chat: bool):
-        """The request, its number of choices, whether to stream and to send the usage in a
-        chunk of its own, and its settings for the other ranks, from the body (parsing,
-        template, tokenizer: CPU work, run off the event loop)."""
+        """From the body: a Job's worth of settings per choice (request, echoed text, prompt
+        only), the number of prompt ids, whether to stream and to send the usage in a chunk
+        of its own, and the settings for the other ranks (parsing, template, tokenizer: CPU
+        work, run off the event loop)."""
         body = parse_body(raw, model_name)
+        echo, prompt_only = parse_echo(body, chat)
         # a base target's chat reply ends where it starts the next turn
-        request = parse_request(body, context, pair.target.vocab_size, settings, stop_strings(pair) if chat else [])
+        request = parse_request(body, context, pair.target.vocab_size, settings,
+                                stop_strings(pair) if chat else [], echo)
         n, (stream, usage_apart) = parse_n(body, settings), parse_stream(body)
-        ids = chat_prompt(pair, body) if chat else completion_prompt(pair, body)
-        if context and len(ids) >= context:
-            raise BadRequest(f"the prompt has {len(ids)} tokens but the context is {context}",
-                             "messages" if chat else "prompt")
+        if request.grammar is not None:
+            check_response_format(pair, request.grammar)
+        prompts = [(chat_prompt(pair, body), None)] if chat else completion_prompts(pair, body)
+        if len(prompts) * n > settings.max_batch + settings.max_queue:
+            raise BadRequest(f"{len(prompts)} prompts x {n} choices is over the {settings.max_batch + settings.max_queue}"
+                             " rows this server takes at once", "prompt")
+        choices = []
+        for ids, text in prompts:
+            if context and len(ids) >= context:
+                raise BadRequest(f"the prompt has {len(ids)} tokens but the context is {context}",
+                                 "messages" if chat else "prompt")
+            shown = (text if text is not None else pair.tokenizer.decode(ids)) if echo else None
+            for i in range(n):  # a row per choice; choice i of a seeded request is seeded seed + i
+                seed = None if request.seed is None else (request.seed + i) % 2**32
+                choices.append((replace(request, prompt=tuple(ids), seed=seed), shown, prompt_only))
         body = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
-        return request.with_prompt(ids), n, stream, usage_apart or n > 1, body
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        return choices, prompt_tokens, stream, usage_apart or len(choices) > 1, body
 
     async def generate(request: Request, chat: bool):
         rid = request_id(request)
-        generation, n, stream, usage_apart, body = await run_in_threadpool(prepare, await request.body(), chat)
+        choices, prompt_tokens, stream, usage_apart, body = await run_in_threadpool(prepare, await request.body(), chat)
         loop, jobs = asyncio.get_running_loop(), []
-        for i in range(n):  # a row per choice; choice i of a seeded request is seeded seed + i
-            one = generation if generation.seed is None else replace(generation, seed=(generation.seed + i) % 2**32)
-            jobs.append(Job(one, loop, asyncio.Queue(), rid, settings={**body, "seed": one.seed}))
+        for one, shown, prompt_only in choices:
+            jobs.append(Job(one, loop, asyncio.Queue(), rid, settings={**body, "seed": one.seed}, echo=shown,
+                            prompt_only=prompt_only))
             if not worker.submit(jobs[-1]):
                 for job in jobs[:-1]:
                     job.leave()
                 raise BadRequest("too many requests: the batch and the queue are full, retry later",
                                  status=429, kind="rate_limit_error")
-        reply = Reply(chat, model_name, len(generation.prompt), rid, token_text=lambda t: pair.tokenizer.decode([t]))
+        reply = Reply(chat, model_name, prompt_tokens, rid, token_text=lambda t: pair.tokenizer.decode([t]))
         headers = {"x-request-id": rid}
         if stream:  # (sse-starlette ends the stream, and so the jobs, when the client leaves)
             return EventSourceResponse(chunks(jobs, reply, usage_apart), ping=600, headers=headers)
         watch = asyncio.ensure_future(leave_on_disconnect(request, jobs))
         try:
-            choices = await asyncio.gather(*(whole(job) for job in jobs))
+            results = await asyncio.gather(*(whole(job) for job in jobs))
         finally:
             for job in jobs:
                 job.cancelled = True  # the handler is gone (done, or the client left)
             watch.cancel()
-        if any(c[1] is None for c in choices):  # the client left: nobody reads this
+        if any(c[1] is None for c in results):  # the client left: nobody reads this
             return Response(status_code=499)
-        tokens, stats = sum(c[2] for c in choices), Stats.pooled([c[3] for c in choices])
-        return JSONResponse(reply.whole([(c[0], c[1], c[4]) for c in choices], tokens, stats), headers=headers)
+        tokens, stats = sum(c[2] for c in results), Stats.pooled([c[3] for c in results])
+        return JSONResponse(reply.whole([(c[0], c[1], c[4]) for c in results], tokens, stats), headers=headers)
 
     async def models(request: Request):
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-mtp"}

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 from ..checkpoints.pair import Pair
 from ..engine.rows import PromptCache
 from ..engine.scheduler import Engine
-from .protocol import Settings, parse_request
+from .protocol import Settings, parse_echo, parse_request
 
 
 class Op:
@@ -83,7 +83,7 @@ def follow(pair: Pair, settings: Settings):
                     conv.rewind(op.taken_tokens)
                 # the stop strings come whole in `stops` (the server's own ones too)
                 request = parse_request({**op.settings, "stop": None}, context, pair.target.vocab_size,
-                                        settings, op.stops)
+                                        settings, op.stops, parse_echo(op.settings, chat=False)[0])
                 rows[op.job] = engine.add(request.with_prompt(op.prompt[len(conv.tokens):]), conv)
                 continue
             if isinstance(op, FinishRow):

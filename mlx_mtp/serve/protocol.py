@@ -11,7 +11,9 @@ from mlx_lm.sample_utils import make_logits_processors
 
 from ..checkpoints.pair import Pair
 from ..conversation import render
+from ..decoding.grammar import check_grammar, grammar_tokenizer, json_grammar
 from ..decoding.sampling import SamplingParams
+from ..models.cache import MAX_DRAFT_TOKENS
 from ..request import MAX_TOP_LOGPROBS, GenerationRequest, check_vocabulary, encode
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -108,8 +110,6 @@ def refuse_unsupported(body: dict):
         "tools": bool(body.get("tools")) and body.get("tool_choice") != "none",
         "tool_choice": body.get("tool_choice") not in (None, "none", "auto"),
         "functions": bool(body.get("functions")),
-        "response_format": body.get("response_format") not in (None, {"type": "text"}),
-        "echo": body.get("echo") not in (None, False),
         "suffix": body.get("suffix") not in (None, ""),
         "best_of": body.get("best_of") not in (None, 1),
     }
@@ -123,12 +123,15 @@ def refuse_unsupported(body: dict):
 
 
 def parse_request(body: dict, context: Optional[int], vocab_size: int, settings: Settings,
-                  own_stops: List[str] = ()) -> GenerationRequest:
+                  own_stops: List[str] = (), echo: bool = False) -> GenerationRequest:
     """The request's settings (no prompt yet), checked; `own_stops`: the server's stop
-    strings. A reply asked for more tokens than the server's cap ends at the cap ("length")."""
+    strings. A reply asked for more tokens than the server's cap ends at the cap ("length").
+    With `echo` (see `parse_echo`) logprobs cover the prompt too, and `max_tokens` may be 0
+    (the row then reads the prompt and commits one token that the reply leaves out)."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = min(_number({param: max_tokens}, param, 256, int, low=1, high=context), settings.cap(context))
+    max_tokens = _number({param: max_tokens}, param, 256, int, low=0 if echo else 1, high=context)
+    max_tokens = min(max(max_tokens, 1), settings.cap(context))
     temperature = _number(body, "temperature", 1.0, low=0)
     top_p = _number(body, "top_p", 1.0, low=0, high=1)  # 0: off, as in mlx-lm
     top_k = _number(body, "top_k", 0, int, low=0)
@@ -143,10 +146,12 @@ def parse_request(body: dict, context: Optional[int], vocab_size: int, settings:
         raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings", "stop")
     processors = parse_processors(body, vocab_size)
     logprobs = parse_logprobs(body)
+    grammar = parse_response_format(body)
     try:
         params = SamplingParams(temperature, top_p, top_k, min_p, processors)
         return GenerationRequest((), params, max_tokens, seed if seed is None else seed % 2**32,
-                                 settings.draft_tokens, tuple(stop) + tuple(own_stops), logprobs=logprobs)
+                                 parse_draft_tokens(body, settings), tuple(stop) + tuple(own_stops), logprobs=logprobs,
+                                 prompt_logprobs=echo and logprobs is not None, grammar=grammar)
     except ValueError as e:
         raise BadRequest(str(e)) from None
 
@@ -162,6 +167,67 @@ def parse_logprobs(body: dict) -> Optional[int]:
     if logprobs is True:
         return _number(body, "top_logprobs", 0, int, low=0, high=MAX_TOP_LOGPROBS)
     return _number(body, "logprobs", 0, int, low=0, high=MAX_TOP_LOGPROBS)
+
+
+def parse_draft_tokens(body: dict, settings: Settings) -> Optional[int]:
+    """K of this request's rounds (mlx-mtp's own field `draft_tokens`: 0 turns speculation
+    off, "auto" chooses K each round), or the server's `--draft-tokens`."""
+    value = body.get("draft_tokens")
+    if value is None:
+        return settings.draft_tokens
+    if value == "auto":
+        return None
+    return _number(body, "draft_tokens", None, int, low=0, high=MAX_DRAFT_TOKENS)
+
+
+def parse_response_format(body: dict) -> Optional[str]:
+    """The grammar a reply must follow, or None: `response_format` `{"type": "json_object"}`
+    (any JSON object) or `{"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}}` (a JSON value of that schema; without one, any JSON object)."""
+    form = body.get("response_format")
+    if form is None:
+        return None
+    kind = form.get("type") if isinstance(form, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar()
+    if kind != "json_schema":
+        raise BadRequest("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                         "{\"type\": \"json_schema\", \"json_schema\": {...}}", "response_format")
+    spec = form.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise BadRequest("'response_format.json_schema' must be an object whose 'schema' is a JSON schema",
+                         "response_format")
+    try:
+        return json_grammar(spec.get("schema"))
+    except ValueError as e:
+        raise BadRequest(str(e), "response_format") from None
+
+
+def check_response_format(pair: Pair, grammar: str):
+    """A 400 if the grammar library cannot run this grammar with the pair's tokenizer (the
+    first check builds the library's view of the tokenizer: about a second)."""
+    try:
+        if pair.tokenizer is None:
+            raise ValueError("structured output needs the target's tokenizer")
+        check_grammar(grammar, grammar_tokenizer(pair.tokenizer, pair.target.vocab_size, pair.eos_ids))
+    except ValueError as e:
+        raise BadRequest(str(e), "response_format") from None
+
+
+def parse_echo(body: dict, chat: bool) -> Tuple[bool, bool]:
+    """Whether a completion starts with its prompt (`echo`: its text, and with `logprobs`
+    each prompt id's, the first having none), and whether it is the prompt alone
+    (`max_tokens: 0`, which scores a prompt)."""
+    echo = body.get("echo")
+    if echo is None or echo is False:
+        return False, False
+    if echo is not True:
+        raise BadRequest("'echo' must be true or false", "echo")
+    if chat:
+        raise BadRequest("'echo' is a field of /v1/completions, not of chat completions", "echo")
+    return True, body.get("max_completion_tokens", body.get("max_tokens")) == 0
 
 
 def parse_n(body: dict, settings: Settings) -> int:
@@ -183,25 +249,29 @@ def parse_stream(body: dict) -> Tuple[bool, bool]:
     return stream, usage
 
 
-def completion_prompt(pair: Pair, body: dict) -> List[int]:
+def completion_prompts(pair: Pair, body: dict) -> List[Tuple[List[int], Optional[str]]]:
+    """Each prompt's ids and its text (None if sent as ids): `prompt` is a string, a list of
+    token ids, or a list of either (several prompts, a choice each, as OpenAI)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) > 1:
-            raise BadRequest(f"'prompt' holds {len(prompt)} prompts; send one prompt per request", "prompt")
-        prompt = prompt[0]  # a batch of one
+    several = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+    prompts = prompt if several else [prompt]
+    return [completion_prompt(pair, p) for p in prompts]
+
+
+def completion_prompt(pair: Pair, prompt) -> Tuple[List[int], Optional[str]]:
     if isinstance(prompt, str):
         if not prompt:
             raise BadRequest("'prompt' is empty", "prompt")
         if pair.tokenizer is None:
             raise BadRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
-        return encode(pair.tokenizer, prompt)
+        return encode(pair.tokenizer, prompt), prompt
     if isinstance(prompt, list):
         try:
             check_vocabulary(encode(None, prompt), pair.target.vocab_size)
-            return prompt
+            return prompt, None
         except ValueError as e:
             raise BadRequest(str(e), "prompt") from None
-    raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
+    raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
 
 
 def chat_prompt(pair: Pair, body: dict) -> List[int]:
@@ -290,13 +360,15 @@ class Reply:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     def _completion_logprobs(self, logprobs: Optional[list]) -> Optional[dict]:
-        """The legacy completions form: tokens, their log-probs, the top ones as {text: log-prob}."""
+        """The legacy completions form: tokens, their log-probs, the top ones as {text: log-prob}
+        (None for an echoed prompt's first id)."""
         if logprobs is None:
             return None
         texts = [self.token_text(t) for t, _, _ in logprobs]
         offsets = [sum(map(len, texts[:i])) for i in range(len(texts))]
         return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in logprobs],
-                "top_logprobs": [{self.token_text(i): v for i, v in top} for _, _, top in logprobs],
+                "top_logprobs": [None if top is None else {self.token_text(i): v for i, v in top}
+                                 for _, _, top in logprobs],
                 "text_offset": offsets}
 
     def _envelope(self, choices, stream: bool, **extra) -> dict:

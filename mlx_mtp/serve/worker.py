@@ -34,6 +34,8 @@ class Job:
     row: object = None
     cancelled: bool = False  # set by the handler: the worker drops the row at its next step
     settings: dict = field(default_factory=dict)  # the request's settings, for the other ranks
+    echo: Optional[str] = None  # the prompt's text, which the reply starts with (completions' echo)
+    prompt_only: bool = False  # echo with max_tokens 0: the one token the row commits is left out
 
     def leave(self):
         """The client is gone: drop the row, and end `updates` now."""
@@ -43,17 +45,28 @@ class Job:
     async def updates(self):
         """(text, finish reason, completion tokens so far, stats, logprobs) as the row
         commits (logprobs: per new token (id, log-prob, [(id, log-prob)] of the top ones), or
-        None if not asked); raises the worker's BadRequest; ends early if the client left."""
-        tokens = 0
+        None if not asked); raises the worker's BadRequest; ends early if the client left.
+        With `echo` the first update starts with the prompt: its text, and its ids (the
+        first with log-prob and top None)."""
+        tokens, first = 0, True
         while True:
             event = await self.events.get()
             if event[0] == "gone":
                 return
             if event[0] == "error":
                 raise event[1]
-            _, new, text, finish, stats, scores = event
+            _, new, text, finish, stats, scores, prompt_scores = event
+            if self.prompt_only:
+                new, text, finish, scores = [], "", "length", None if scores is None else []
             tokens += len(new)
             logprobs = None if scores is None else [(t, lp, top) for t, (lp, top) in zip(new, scores)]
+            if first and self.echo is not None:
+                text = self.echo + text
+                if logprobs is not None:
+                    prompt = self.request.prompt
+                    logprobs = [(prompt[0], None, None)] + [
+                        (t, lp, top) for t, (lp, top) in zip(prompt[1:], prompt_scores)] + logprobs
+            first = False
             yield text, finish, tokens, stats, logprobs
             if finish:
                 return
@@ -148,7 +161,7 @@ class Worker:
             for update in updates:
                 job = by_row[id(update.row)]
                 self._send(job, ("update", update.tokens, update.text, update.finish_reason, update.row.stats,
-                                 update.logprobs))
+                                 update.logprobs, update.prompt_logprobs))
                 if update.finish_reason:
                     self._finish(job, None)
 
@@ -159,7 +172,8 @@ class Worker:
             except queue.Empty:
                 return
             block = False
-            kept = self.conversations.take(job.request.prompt)
+            # (a prompt whose ids are scored is read whole: a kept conversation's have no scores)
+            kept = None if job.request.prompt_logprobs else self.conversations.take(job.request.prompt)
             conv = kept or PromptCache()
             try:
                 job.row = self.engine.add(job.request.with_prompt(job.request.prompt[len(conv.tokens):]), conv)
