@@ -162,3 +162,24 @@ def test_the_report_is_json_with_runs_and_machine_info():
     (run,) = report["runs"]
     assert run["identical"] is True and run["mtp"]["generation_tokens"] == run["baseline"]["generation_tokens"] == 8
     assert {"platform", "device", "mlx", "mlx-lm", "mlx-mtp"} <= set(report["machine"])
+
+
+def test_the_bench_measures_the_costs_of_the_products_the_forward_runs(monkeypatch):
+    """The costs the bench measures (and chooses K from) are of the forward with the
+    chosen products: they are chosen first (they used to be chosen just after, so the
+    costs were of the default product, 2.5x too slow for 2-5 tokens on an Intel CPU)."""
+    from mlx_mtp.engine import costs
+    from mlx_mtp.models import products
+
+    pair = load_pair("e2b")
+    monkeypatch.setattr(products, "_chosen", {})  # (a fresh process: nothing chosen yet)
+    chosen_when_measured = []
+    real = costs.measure_costs
+
+    def spy(*args, **kwargs):
+        chosen_when_measured.append(bool(products._chosen))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(costs, "measure_costs", spy)
+    measure(pair, {"chat": ["Hello there"]}, ks=(None,), max_tokens=4)
+    assert chosen_when_measured and all(chosen_when_measured)

@@ -203,7 +203,8 @@ def benchmark(
     if any(task.setting.draft_tokens is None for task in tasks):
         most = max(task.setting.batch or 1 for task in tasks)
     sizes = [1 << i for i in range((2 * most - 1).bit_length())]  # the powers of two up to `most` and past it
-    CostModel.of(pair).measured = {b: load_or_measure(pair, k_max, b, refresh=True) for b in sizes}
+    model = CostModel.of(pair)  # (first: it chooses the products that the costs are of)
+    model.measured = {b: load_or_measure(pair, k_max, b, refresh=True) for b in sizes}
     for task in first.values():
         run_baseline(pair, task, WARMUP_TOKENS, warm, seed)
         run_mtp(pair, task, WARMUP_TOKENS, warm, seed)

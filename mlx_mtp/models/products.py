@@ -105,8 +105,6 @@ def use(chosen: Dict[Shape, List[str]]):
     _chosen.update({tuple(shape): list(ways) for shape, ways in chosen.items()})
 
 
-
-
 @lru_cache(maxsize=None)
 def cpu_model() -> str:
     """The CPU's model name, as the OS reports it."""
