@@ -40,13 +40,14 @@ USER, ASSISTANT = "User:", "Assistant:"
 DIALOGUE_STOPS = ["\n" + USER, "\n\n"]  # the next turn, or a blank line before it
 
 
-def apply_template(pair: Pair, messages: List[dict]) -> str:
-    """The conversation as the target's chat template renders it, ready for the reply."""
+def apply_template(pair: Pair, messages: List[dict], options: Optional[dict] = None) -> str:
+    """The conversation as the target's chat template renders it, ready for the reply;
+    `options`: the template's own variables (e.g. `enable_thinking`)."""
     tokenizer = pair.tokenizer
     if tokenizer is None or not tokenizer.has_chat_template:
         raise ValueError(f"{pair.name or 'this target'} has no chat template")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(options or {}))
     except Exception as e:  # jinja raises its own types, e.g. for an unsupported role
         raise ValueError(f"the chat template cannot render this conversation ({e})") from None
 
@@ -69,9 +70,10 @@ def render_dialogue(messages: List[dict]) -> str:
     return preamble + "".join(turns)
 
 
-def render(pair: Pair, messages: List[dict]) -> str:
-    """The conversation as this pair's target is asked to continue it."""
-    return render_dialogue(messages) if pair.chat == DIALOGUE else apply_template(pair, messages)
+def render(pair: Pair, messages: List[dict], options: Optional[dict] = None) -> str:
+    """The conversation as this pair's target is asked to continue it (`options`: the chat
+    template's variables; a plain dialogue has none)."""
+    return render_dialogue(messages) if pair.chat == DIALOGUE else apply_template(pair, messages, options)
 
 
 def stop_strings(pair: Pair) -> List[str]:
@@ -99,6 +101,7 @@ class Conversation:
 
     def _restart(self):
         self.cache = make_prompt_cache(self.pair)
+        self.fed = ""  # the text the last turn fed
         self.eos = ""  # text of the EOS that ended the last reply (in the cache, not in the reply)
         self.unfed = ""  # end of the last reply's text that is not in the cache
 
@@ -122,6 +125,7 @@ class Conversation:
         """
         messages = self.messages + [{"role": "user", "content": user}]
         new = self._new_text(messages)
+        self.fed = new  # (what this turn feeds, up to the reply: whether it opens a thought)
         shown, tokens, last = [], [], None
         # A base model's reply ends where it begins the next turn (a stop string).
         if request is not None:

@@ -118,6 +118,12 @@ def encode(tokenizer, prompt: Union[str, Sequence[int]], first: bool = True) -> 
     return tokenizer.encode(prompt, add_special_tokens=special)
 
 
+def held_back(text: str, markers: Sequence[str]) -> int:
+    """How many characters at the end of `text` may begin one of `markers` (kept until the
+    next text tells)."""
+    return max((n for m in markers for n in range(1, len(m)) if text.endswith(m[:n])), default=0)
+
+
 class StopText:
     """Cuts the text at the first stop string, holding back what may begin one. Text level
     (not ids): a stop string may span tokens, or be part of one."""
@@ -133,8 +139,7 @@ class StopText:
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        hold = 0 if final else max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])),
-                                   default=0)
+        hold = 0 if final else held_back(self.pending, self.stops)
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out):]
         return out, False
@@ -160,3 +165,38 @@ class RowText:
             self.detokenizer.finalize()
         text = self.detokenizer.last_segment
         return self.stop.feed(text, final) if self.stop is not None else (text, False)
+
+
+class ThoughtText:
+    """Splits a reply's streamed text into its thought and its answer at the template's
+    thinking markers (which mlx-lm's TokenizerWrapper finds: Gemma 4's `<|channel>thought`
+    and `<channel|>`, `<think>` and `</think>`, ...); the markers are shown in neither."""
+
+    def __init__(self, start: str, end: str, prompt: str):
+        self.markers = (start, end)
+        self.thinking = prompt.rfind(start) > prompt.rfind(end)  # the prompt opened a thought
+        self.pending = ""
+
+    @classmethod
+    def of(cls, tokenizer, prompt: str) -> Optional["ThoughtText"]:
+        """For a reply to `prompt` (rendered text), if the tokenizer has a thinking channel."""
+        if tokenizer is None or not getattr(tokenizer, "has_thinking", False):
+            return None
+        return cls(tokenizer.think_start, tokenizer.think_end, prompt)
+
+    def feed(self, text: str, final: bool) -> Tuple[str, str]:
+        """-> (thought, answer) of the text safe to show now."""
+        self.pending += text
+        parts = {True: [], False: []}
+        while True:
+            marker = self.markers[1] if self.thinking else self.markers[0]
+            at = self.pending.find(marker)
+            if at < 0:
+                break
+            parts[self.thinking].append(self.pending[:at])
+            self.pending = self.pending[at + len(marker):]
+            self.thinking = not self.thinking
+        out = self.pending[: len(self.pending) - (0 if final else held_back(self.pending, self.markers))]
+        self.pending = self.pending[len(out):]
+        parts[self.thinking].append(out)
+        return "".join(parts[True]), "".join(parts[False])

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from ..conversation import Conversation, render
 from ..engine.stats import Stats
+from ..request import ThoughtText
 from . import app, fail, one_line_errors, options
 from .display import COMMANDS, banner, details, summary_line
 
@@ -28,12 +29,26 @@ def deferred_interrupt():
 
 
 def stream_reply(conversation: Conversation, text: str, console: Console, verbose: bool, **kwargs):
+    """The reply as it comes; a thought (where the template has a thinking channel) dimmed,
+    a blank line between it and the answer."""
     with deferred_interrupt() as stop:
         stream = conversation.reply(text, interrupt=stop, **kwargs)  # ends after the round under way
-        response = None
+        response = thoughts = None
+        thought_shown = answer_shown = False
         try:
             for response in stream:
-                console.file.write(response.text)
+                if thoughts is None:  # (the turn's text is known once it started)
+                    thoughts = ThoughtText.of(conversation.pair.tokenizer, conversation.fed) or False
+                thought, answer = thoughts.feed(response.text, response.finish_reason is not None) if thoughts \
+                    else ("", response.text)
+                if thought:
+                    console.print(thought, style="dim", end="", markup=False)
+                    thought_shown = True
+                if answer:
+                    if thought_shown and not answer_shown:
+                        console.print("\n")
+                    console.file.write(answer)
+                    answer_shown = True
                 console.file.flush()
         finally:
             stream.close()

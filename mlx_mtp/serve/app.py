@@ -33,10 +33,11 @@ from starlette.routing import Route
 from ..checkpoints.pair import Pair
 from ..conversation import stop_strings
 from ..engine.stats import Stats
+from ..request import ThoughtText
 from .follower import follow
 from .protocol import (BadRequest, Reply, Settings, chat_prompt, check_response_format, completion_prompts, parse_body,
                        parse_echo, parse_n, parse_request, parse_stream)
-from .worker import Job, Worker
+from .worker import Delta, Job, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,12 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
         n, (stream, usage_apart) = parse_n(body, settings), parse_stream(body)
         if request.grammar is not None:
             check_response_format(pair, request.grammar)
-        prompts = [(chat_prompt(pair, body), None)] if chat else completion_prompts(pair, body)
+        rendered = None
+        if chat:
+            ids, rendered = chat_prompt(pair, body)
+            prompts = [(ids, None)]
+        else:
+            prompts = completion_prompts(pair, body)
         if len(prompts) * n > settings.max_batch + settings.max_queue:
             raise BadRequest(f"{len(prompts)} prompts x {n} choices is over the {settings.max_batch + settings.max_queue}"
                              " rows this server takes at once", "prompt")
@@ -121,15 +127,17 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
                 choices.append((replace(request, prompt=tuple(ids), seed=seed), shown, prompt_only))
         body = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
-        return choices, prompt_tokens, stream, usage_apart or len(choices) > 1, body
+        return choices, prompt_tokens, stream, usage_apart or len(choices) > 1, body, rendered
 
     async def generate(request: Request, chat: bool):
         rid = request_id(request)
-        choices, prompt_tokens, stream, usage_apart, body = await run_in_threadpool(prepare, await request.body(), chat)
+        choices, prompt_tokens, stream, usage_apart, body, rendered = await run_in_threadpool(
+            prepare, await request.body(), chat)
         loop, jobs = asyncio.get_running_loop(), []
         for one, shown, prompt_only in choices:
+            thoughts = ThoughtText.of(pair.tokenizer, rendered) if chat else None
             jobs.append(Job(one, loop, asyncio.Queue(), rid, settings={**body, "seed": one.seed}, echo=shown,
-                            prompt_only=prompt_only))
+                            prompt_only=prompt_only, thoughts=thoughts))
             if not worker.submit(jobs[-1]):
                 for job in jobs[:-1]:
                     job.leave()
@@ -146,10 +154,11 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
             for job in jobs:
                 job.cancelled = True  # the handler is gone (done, or the client left)
             watch.cancel()
-        if any(c[1] is None for c in results):  # the client left: nobody reads this
+        if any(c.finish is None for c in results):  # the client left: nobody reads this
             return Response(status_code=499)
-        tokens, stats = sum(c[2] for c in results), Stats.pooled([c[3] for c in results])
-        return JSONResponse(reply.whole([(c[0], c[1], c[4]) for c in results], tokens, stats), headers=headers)
+        tokens, stats = sum(c.tokens for c in results), Stats.pooled([c.stats for c in results])
+        return JSONResponse(reply.whole([(c.text, c.finish, c.logprobs, c.thought) for c in results], tokens, stats),
+                            headers=headers)
 
     async def models(request: Request):
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-mtp"}
@@ -179,14 +188,15 @@ async def leave_on_disconnect(request: Request, jobs: List[Job]):
         job.leave()
 
 
-async def whole(job: Job):
-    """(text, finish reason, completion tokens, stats, logprobs or None) of one choice;
-    finish None if the client left."""
-    parts, finish, tokens, stats, logprobs = [], None, 0, None, None
-    async for text, finish, tokens, stats, new in job.updates():
-        parts.append(text)
-        logprobs = None if new is None else (logprobs or []) + new
-    return "".join(parts), finish, tokens, stats, logprobs
+async def whole(job: Job) -> Delta:
+    """One choice's deltas joined; finish None if the client left."""
+    parts, thought, finish, tokens, stats, logprobs = [], [], None, 0, None, None
+    async for delta in job.updates():
+        parts.append(delta.text)
+        thought.append(delta.thought)
+        finish, tokens, stats = delta.finish, delta.tokens, delta.stats
+        logprobs = None if delta.logprobs is None else (logprobs or []) + delta.logprobs
+    return Delta("".join(parts), finish, tokens, stats, logprobs, "".join(thought))
 
 
 async def chunks(jobs: List[Job], reply: Reply, usage_apart: bool):
@@ -215,11 +225,13 @@ async def chunks(jobs: List[Job], reply: Reply, usage_apart: bool):
             if isinstance(update, BadRequest):  # the response has started: the error is the last event
                 yield {"data": json.dumps({"error": {"message": str(update), "type": update.kind, "param": None}})}
                 return
-            text, finish, totals[index], stats[index], logprobs = update
-            if finish and not usage_apart:
-                yield {"data": json.dumps(reply.chunk(text, finish, index, totals[index], stats[index], logprobs))}
+            totals[index], stats[index] = update.tokens, update.stats
+            if update.finish and not usage_apart:
+                yield {"data": json.dumps(reply.chunk(update.text, update.finish, index, totals[index], stats[index],
+                                                      update.logprobs, update.thought))}
             else:
-                yield {"data": json.dumps(reply.chunk(text, finish, index, logprobs=logprobs))}
+                yield {"data": json.dumps(reply.chunk(update.text, update.finish, index, logprobs=update.logprobs,
+                                                      thought=update.thought))}
         if any(s is None for s in stats):  # (a choice ended without a token: its client left)
             return
         if usage_apart:

@@ -274,7 +274,12 @@ def completion_prompt(pair: Pair, prompt) -> Tuple[List[int], Optional[str]]:
     raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
 
 
-def chat_prompt(pair: Pair, body: dict) -> List[int]:
+def chat_prompt(pair: Pair, body: dict) -> Tuple[List[int], str]:
+    """The conversation's ids, and its text as rendered (through the chat template with the
+    request's `chat_template_kwargs`, e.g. `{"enable_thinking": true}`)."""
+    options = body.get("chat_template_kwargs") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'chat_template_kwargs' must be an object", "chat_template_kwargs")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
@@ -291,7 +296,8 @@ def chat_prompt(pair: Pair, body: dict) -> List[int]:
             raise BadRequest("each message needs a 'role' and a 'content'", "messages")
         clean.append({"role": m["role"], "content": content})
     try:
-        return encode(pair.tokenizer, render(pair, clean))
+        text = render(pair, clean, options)
+        return encode(pair.tokenizer, text), text
     except ValueError as e:
         raise BadRequest(str(e), "messages") from None
 
@@ -325,31 +331,35 @@ class Reply:
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
 
-    def whole(self, choices: List[Tuple[str, str, Optional[list]]], tokens: int, stats) -> dict:
-        """choices: (text, finish reason, logprobs or None) of each; tokens: completion
-        tokens of all."""
-        return self._envelope([self._choice(text, finish, "message", i, logprobs)
-                               for i, (text, finish, logprobs) in enumerate(choices)],
+    def whole(self, choices: List[Tuple[str, str, Optional[list], str]], tokens: int, stats) -> dict:
+        """choices: (text, finish reason, logprobs or None, thought) of each; tokens:
+        completion tokens of all."""
+        return self._envelope([self._choice(text, finish, "message", i, logprobs, thought)
+                               for i, (text, finish, logprobs, thought) in enumerate(choices)],
                               False, usage=self._usage(tokens), mtp=mtp_stats(stats))
 
     def chunk(self, text: str, finish: Optional[str], index: int = 0, tokens: Optional[int] = None, stats=None,
-              logprobs: Optional[list] = None) -> dict:
+              logprobs: Optional[list] = None, thought: str = "") -> dict:
         """One chunk of a stream, of choice `index` (with its new tokens' logprobs, if
-        asked); with `tokens` and `stats` (the last chunk of a one-choice reply) the usage
-        and the stats too."""
+        asked, and its new thought); with `tokens` and `stats` (the last chunk of a
+        one-choice reply) the usage and the stats too."""
         extra = {"usage": self._usage(tokens), "mtp": mtp_stats(stats)} if tokens is not None else {}
-        return self._envelope([self._choice(text, finish, "delta", index, logprobs)], True, **extra)
+        return self._envelope([self._choice(text, finish, "delta", index, logprobs, thought)], True, **extra)
 
     def usage_chunk(self, tokens: int, stats) -> dict:
         """After every choice of a several-choice stream finished: the usage and the stats."""
         return self._envelope([], True, usage=self._usage(tokens), mtp=mtp_stats(stats))
 
-    def _choice(self, text, finish, key: str, index: int, logprobs: Optional[list] = None) -> dict:
-        """logprobs: per token (id, log-prob, [(id, log-prob)] of the top ones), or None."""
+    def _choice(self, text, finish, key: str, index: int, logprobs: Optional[list] = None, thought: str = "") -> dict:
+        """logprobs: per token (id, log-prob, [(id, log-prob)] of the top ones), or None;
+        thought: the reply's thinking, as `reasoning_content` beside `content` (chat)."""
         finish = "length" if finish == "context" else finish  # OpenAI's name for both limits
         if not self.chat:
             return {"index": index, "text": text, "finish_reason": finish, "logprobs": self._completion_logprobs(logprobs)}
-        choice = {"index": index, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+        message = {"role": "assistant", "content": text}
+        if thought:
+            message["reasoning_content"] = thought
+        choice = {"index": index, key: message, "finish_reason": finish}
         if logprobs is not None:
             choice["logprobs"] = {"content": [
                 {**self._token(t, lp), "top_logprobs": [self._token(i, v) for i, v in top]} for t, lp, top in logprobs]}

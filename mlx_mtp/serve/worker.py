@@ -9,18 +9,29 @@ import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 from mlx_lm.utils import common_prefix_len
 
 from ..checkpoints.pair import Pair
 from ..engine.rows import PromptCache
 from ..engine.scheduler import Engine
-from ..request import GenerationRequest
+from ..request import GenerationRequest, ThoughtText
 from .follower import AddRow, DropKept, FinishRow, send_plan
 from .protocol import BadRequest, Settings
 
 logger = logging.getLogger(__name__)
+
+
+class Delta(NamedTuple):
+    """What a step added to one reply."""
+
+    text: str  # the answer's new text
+    finish: Optional[str]  # the finish reason, or None while the row goes on
+    tokens: int  # completion tokens so far
+    stats: object  # the row's Stats
+    logprobs: Optional[list]  # per new token (id, log-prob, [(id, log-prob)] of the top ones), or None
+    thought: str = ""  # the thinking's new text (chat, where the template has a thinking channel)
 
 
 @dataclass
@@ -36,6 +47,7 @@ class Job:
     settings: dict = field(default_factory=dict)  # the request's settings, for the other ranks
     echo: Optional[str] = None  # the prompt's text, which the reply starts with (completions' echo)
     prompt_only: bool = False  # echo with max_tokens 0: the one token the row commits is left out
+    thoughts: Optional[ThoughtText] = None  # splits a chat reply's thinking from its answer
 
     def leave(self):
         """The client is gone: drop the row, and end `updates` now."""
@@ -43,10 +55,8 @@ class Job:
         self.events.put_nowait(("gone",))
 
     async def updates(self):
-        """(text, finish reason, completion tokens so far, stats, logprobs) as the row
-        commits (logprobs: per new token (id, log-prob, [(id, log-prob)] of the top ones), or
-        None if not asked); raises the worker's BadRequest; ends early if the client left.
-        With `echo` the first update starts with the prompt: its text, and its ids (the
+        """Deltas as the row commits; raises the worker's BadRequest; ends early if the
+        client left. With `echo` the first starts with the prompt: its text, and its ids (the
         first with log-prob and top None)."""
         tokens, first = 0, True
         while True:
@@ -67,7 +77,10 @@ class Job:
                     logprobs = [(prompt[0], None, None)] + [
                         (t, lp, top) for t, (lp, top) in zip(prompt[1:], prompt_scores)] + logprobs
             first = False
-            yield text, finish, tokens, stats, logprobs
+            thought = ""
+            if self.thoughts is not None:
+                thought, text = self.thoughts.feed(text, final=finish is not None)
+            yield Delta(text, finish, tokens, stats, logprobs, thought)
             if finish:
                 return
 
