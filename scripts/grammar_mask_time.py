@@ -81,18 +81,23 @@ def outlines_core_engine(hf, vocab_size, eos):
     from outlines_core import Guide, Index, Vocabulary
     from outlines_core.json_schema import build_regex_from_schema
 
-    tokens = {}
-    for text, i in hf.get_vocab().items():
-        if i not in eos and not hf.convert_ids_to_tokens(i).startswith("<"):
-            tokens.setdefault(text, []).append(i)
+    tokens = {}  # each id's bytes: SentencePiece writes a space as "▁" and a byte as "<0xNN>"
+    for piece, i in hf.get_vocab().items():
+        if piece.startswith("<0x") and len(piece) == 6:
+            tokens.setdefault(bytes([int(piece[3:5], 16)]), []).append(i)
+        elif i not in eos and not (piece.startswith("<") and piece.endswith(">")):
+            tokens.setdefault(piece.replace("▁", " ").encode(), []).append(i)
     vocabulary = Vocabulary(eos[0], tokens)  # (one EOS id only)
     regex = build_regex_from_schema(json.dumps(SCHEMA))
 
     def compile_schema():
-        return Guide(Index(regex, vocabulary))
+        return Guide(Index(regex, vocabulary), max_rollback=64)  # (its default keeps 32 states)
+
+    bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
     def mask(guide):
-        return np.array(sorted(guide.get_tokens()))
+        guide.write_mask_into(bits.ctypes.data, bits.size, 4)
+        return bits.copy()
 
     def consume(guide, token):
         guide.advance(token)
@@ -134,7 +139,7 @@ def main():
     config = json.loads((directory / "config.json").read_text())
     vocab_size = config.get("vocab_size") or config["text_config"]["vocab_size"]
     eos = [hf.convert_tokens_to_ids(t) for t in ("<eos>", "<end_of_turn>")]
-    ids = hf.encode(REPLY, add_special_tokens=False) + eos[:1]
+    ids = hf.encode(REPLY, add_special_tokens=False)  # (complete after its last id: no EOS to consume)
     print(f"tokenizer: {vocab_size} ids; reply: {len(ids)} tokens")
     print(f"{'engine':<15}{'build ms':>10}{'compile ms':>12}{'mask median ms':>16}{'mask max ms':>13}  rollback")
     for name in args.engines.split(","):
