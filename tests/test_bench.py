@@ -2,6 +2,7 @@
 
 import json
 import math
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -172,7 +173,8 @@ def test_the_bench_measures_the_costs_of_the_products_the_forward_runs(monkeypat
     from mlx_mtp.models import products
 
     pair = load_pair("e2b")
-    monkeypatch.setattr(products, "_chosen", {})  # (a fresh process: nothing chosen yet)
+    monkeypatch.setattr(products, "_chosen", {})  # (a fresh process: nothing chosen yet,
+    monkeypatch.setattr(costs.CostModel, "_by_pair", weakref.WeakKeyDictionary())  # no cost model)
     chosen_when_measured = []
     real = costs.measure_costs
 
