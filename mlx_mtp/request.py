@@ -114,6 +114,10 @@ def encode(tokenizer, prompt: Union[str, Sequence[int]], first: bool = True) -> 
         return []
     if tokenizer is None:
         raise LoadError("this target has no tokenizer: pass the prompt as a list of token ids")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # (a lone surrogate: the tokenizer would raise a TypeError)
+        raise ValueError("the prompt is not valid Unicode text (it holds a lone surrogate)") from None
     special = first and (tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token))
     return tokenizer.encode(prompt, add_special_tokens=special)
 

@@ -277,6 +277,19 @@ BAD = [
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema",
      "json_schema": {"name": "a", "schema": [1]}}}, "'schema' is a JSON schema"),
     ("completions", {"prompt": "hi", "response_format": "json"}, "'response_format' must be"),
+    # schemas past the bounds llguidance is given (its checker crashed on a long $ref chain)
+    ("completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+     "$defs": {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "integer"}]} for i in range(200)},
+     "$ref": "#/$defs/d0"}}}}, "more than 64 '$ref's"),
+    ("completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema":
+     {"const": "ab" * 40000}}}}, "over 65536 bytes"),
+    ("completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema":
+     json.loads('{"items": ' * 40 + '{}' + '}' * 40)}}}, "nested more than 32 deep"),
+    ("completions", b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    ("completions", b'{"prompt": ["a\\ud800b", "c"]}', "lone surrogate"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "a\\udc00"}]}', "lone surrogate"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {
+     "chat_template": "{{ 'ab ' * 3000000 }}"}}, "may not replace the chat template"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "needs 'logprobs'"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
      "'top_logprobs' must be <= 20"),
@@ -705,6 +718,12 @@ def test_lm_eval_runs_a_log_likelihood_task_from_a_local_file_as_the_target_scor
         # (relative 2e-6: the sums are ~-100 here, each term within ~1e-5)
         assert logprob == pytest.approx(sum(lp[i, whole[i + 1]].item() for i in positions), rel=2e-6, abs=1e-4)
         assert greedy == all(mx.argmax(lp[i]).item() == whole[i + 1] for i in positions)
+
+
+def test_a_bad_draft_tokens_names_its_field(server):
+    for value in (17, -1, "many"):
+        response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "draft_tokens": value})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "draft_tokens"
 
 
 def test_a_request_turns_speculation_off_or_fixes_its_own_k(server, pair):

@@ -136,7 +136,8 @@ def draft_and_verify(target: Target, proposer, ctx: DraftContext, cache, counts:
     forced ids are its drafts (up to caps[i]), drafts its grammar forbids are cut, and its
     target distribution is masked at every verified position (drafts meet the host first)."""
     B = len(counts)
-    forced = [[] if c is None else c.forced()[:cap] for c, cap in zip(constraints or [None] * B, caps or [0] * B)]
+    forced = [c.forced()[:cap] if c is not None and cap > 0 else []
+              for c, cap in zip(constraints or [None] * B, caps or [0] * B)]
     counts = [len(f) or n for f, n in zip(forced, counts)]
     k = max(counts)
     proposal = None

@@ -112,10 +112,7 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
             ids, rendered = chat_prompt(pair, body)
             prompts = [(ids, None)]
         else:
-            prompts = completion_prompts(pair, body)
-        if len(prompts) * n > settings.max_batch + settings.max_queue:
-            raise BadRequest(f"{len(prompts)} prompts x {n} choices is over the {settings.max_batch + settings.max_queue}"
-                             " rows this server takes at once", "prompt")
+            prompts = completion_prompts(pair, body, n, settings.max_batch + settings.max_queue)
         choices = []
         for ids, text in prompts:
             if context and len(ids) >= context:

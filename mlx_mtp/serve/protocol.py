@@ -60,6 +60,8 @@ def parse_body(raw: bytes, model_name: str) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the request body is not valid JSON") from None
+    except RecursionError:  # (nested deeper than the parser goes)
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     if body.get("model") not in (None, model_name):
@@ -147,10 +149,11 @@ def parse_request(body: dict, context: Optional[int], vocab_size: int, settings:
     processors = parse_processors(body, vocab_size)
     logprobs = parse_logprobs(body)
     grammar = parse_response_format(body)
+    draft_tokens = parse_draft_tokens(body, settings)
     try:
         params = SamplingParams(temperature, top_p, top_k, min_p, processors)
         return GenerationRequest((), params, max_tokens, seed if seed is None else seed % 2**32,
-                                 parse_draft_tokens(body, settings), tuple(stop) + tuple(own_stops), logprobs=logprobs,
+                                 draft_tokens, tuple(stop) + tuple(own_stops), logprobs=logprobs,
                                  prompt_logprobs=echo and logprobs is not None, grammar=grammar)
     except ValueError as e:
         raise BadRequest(str(e)) from None
@@ -249,12 +252,16 @@ def parse_stream(body: dict) -> Tuple[bool, bool]:
     return stream, usage
 
 
-def completion_prompts(pair: Pair, body: dict) -> List[Tuple[List[int], Optional[str]]]:
+def completion_prompts(pair: Pair, body: dict, n: int, most: int) -> List[Tuple[List[int], Optional[str]]]:
     """Each prompt's ids and its text (None if sent as ids): `prompt` is a string, a list of
-    token ids, or a list of either (several prompts, a choice each, as OpenAI)."""
+    token ids, or a list of either (several prompts, a choice each, as OpenAI); prompts x
+    `n` choices may not pass `most` rows (checked before any prompt is tokenized)."""
     prompt = body.get("prompt")
     several = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
     prompts = prompt if several else [prompt]
+    if len(prompts) * n > most:
+        raise BadRequest(f"{len(prompts)} prompts x {n} choices is over the {most} rows this server takes at once",
+                         "prompt")
     return [completion_prompt(pair, p) for p in prompts]
 
 
@@ -264,7 +271,10 @@ def completion_prompt(pair: Pair, prompt) -> Tuple[List[int], Optional[str]]:
             raise BadRequest("'prompt' is empty", "prompt")
         if pair.tokenizer is None:
             raise BadRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
-        return encode(pair.tokenizer, prompt), prompt
+        try:
+            return encode(pair.tokenizer, prompt), prompt
+        except ValueError as e:
+            raise BadRequest(str(e), "prompt") from None
     if isinstance(prompt, list):
         try:
             check_vocabulary(encode(None, prompt), pair.target.vocab_size)
@@ -280,6 +290,8 @@ def chat_prompt(pair: Pair, body: dict) -> Tuple[List[int], str]:
     options = body.get("chat_template_kwargs") or {}
     if not isinstance(options, dict):
         raise BadRequest("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    if "chat_template" in options:  # a client's own Jinja template: arbitrary CPU work on the server
+        raise BadRequest("'chat_template_kwargs' may not replace the chat template", "chat_template_kwargs")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
