@@ -412,7 +412,7 @@ def test_an_address_that_does_not_resolve_fails_in_one_line():
 
 
 NAN_FIELDS = ["temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "presence_penalty",
-              "frequency_penalty", "repetition_penalty", "repetition_context_size", "n", "logprobs"]
+              "frequency_penalty", "repetition_penalty", "repetition_context_size", "n", "logprobs", "draft_tokens"]
 
 
 @pytest.mark.parametrize("path, field", [("completions", f) for f in NAN_FIELDS + ["logit_bias"]]

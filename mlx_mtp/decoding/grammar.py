@@ -20,6 +20,7 @@ once.
 import json
 import threading
 import weakref
+from functools import lru_cache
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
@@ -148,11 +149,7 @@ def allowed_ids(constraints: List[Optional[Constraint]], drafts: List[List[int]]
     return unpacked.reshape(B, width, words * 32)[..., :vocab_size].astype(mx.bool_)
 
 
-_pool = []
-
-
+@lru_cache(maxsize=1)
 def _executor():
     """llguidance's worker pool for the masks of several rows at once (one per process)."""
-    if not _pool:
-        _pool.append(llguidance().LLExecutor())
-    return _pool[0]
+    return llguidance().LLExecutor()
