@@ -40,14 +40,19 @@ USER, ASSISTANT = "User:", "Assistant:"
 DIALOGUE_STOPS = ["\n" + USER, "\n\n"]  # the next turn, or a blank line before it
 
 
-def apply_template(pair: Pair, messages: List[dict], options: Optional[dict] = None) -> str:
+def apply_template(pair: Pair, messages: List[dict], options: Optional[dict] = None,
+                   tools: Optional[List[dict]] = None) -> str:
     """The conversation as the target's chat template renders it, ready for the reply;
-    `options`: the template's own variables (e.g. `enable_thinking`)."""
+    `options`: the template's own variables (e.g. `enable_thinking`); `tools`: the functions
+    the model may call (OpenAI's form), which the template declares."""
     tokenizer = pair.tokenizer
     if tokenizer is None or not tokenizer.has_chat_template:
         raise ValueError(f"{pair.name or 'this target'} has no chat template")
+    if tools and not tokenizer.has_tool_calling:
+        raise ValueError(f"the chat template of {pair.name or 'this target'} has no tool calling")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **(options or {}))
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **({"tools": tools} if tools else {}), **(options or {}))
     except Exception as e:  # jinja raises its own types, e.g. for an unsupported role
         raise ValueError(f"the chat template cannot render this conversation ({e})") from None
 
@@ -70,10 +75,14 @@ def render_dialogue(messages: List[dict]) -> str:
     return preamble + "".join(turns)
 
 
-def render(pair: Pair, messages: List[dict], options: Optional[dict] = None) -> str:
+def render(pair: Pair, messages: List[dict], options: Optional[dict] = None, tools: Optional[List[dict]] = None) -> str:
     """The conversation as this pair's target is asked to continue it (`options`: the chat
-    template's variables; a plain dialogue has none)."""
-    return render_dialogue(messages) if pair.chat == DIALOGUE else apply_template(pair, messages, options)
+    template's variables, `tools`: the functions it may call; a plain dialogue has neither)."""
+    if pair.chat == DIALOGUE:
+        if tools:
+            raise ValueError(f"{pair.name or 'this target'} is a base model: it has no chat template with tool calling")
+        return render_dialogue(messages)
+    return apply_template(pair, messages, options, tools)
 
 
 def stop_strings(pair: Pair) -> List[str]:

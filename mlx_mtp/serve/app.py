@@ -35,8 +35,9 @@ from ..conversation import stop_strings
 from ..engine.stats import Stats
 from ..request import ThoughtText
 from .follower import follow
-from .protocol import (BadRequest, Reply, Settings, chat_prompt, check_response_format, completion_prompts, parse_body,
-                       parse_echo, parse_n, parse_request, parse_stream)
+from ..tools import ToolCallText
+from .protocol import (BadRequest, Reply, Settings, chat_prompt, check_grammar_runs, completion_prompts, parse_body,
+                       parse_echo, parse_n, parse_request, parse_stream, parse_tools)
 from .worker import Delta, Job, Worker
 
 logger = logging.getLogger(__name__)
@@ -105,12 +106,18 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
         request = parse_request(body, context, pair.target.vocab_size, settings,
                                 stop_strings(pair) if chat else [], echo)
         n, (stream, usage_apart) = parse_n(body, settings), parse_stream(body)
-        if request.grammar is not None:
-            check_response_format(pair, request.grammar)
-        rendered = None
+        rendered, tools, call = None, None, None
         if chat:
-            ids, rendered = chat_prompt(pair, body)
+            tools, call = parse_tools(pair, body)  # (call: the grammar of a required or named call)
+            if call is not None:
+                if request.grammar is not None:
+                    raise BadRequest("a required or named tool call and 'response_format' cannot both be asked for",
+                                     "tool_choice")
+                request = replace(request, grammar=call)
+            ids, rendered = chat_prompt(pair, body, tools)
             prompts = [(ids, None)]
+        elif body.get("tools") or body.get("tool_choice"):
+            raise BadRequest("'tools' and 'tool_choice' are fields of chat completions", "tools")
         else:
             prompts = completion_prompts(pair, body, n, settings.max_batch + settings.max_queue)
         choices = []
@@ -122,19 +129,22 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
             for i in range(n):  # a row per choice; choice i of a seeded request is seeded seed + i
                 seed = None if request.seed is None else (request.seed + i) % 2**32
                 choices.append((replace(request, prompt=tuple(ids), seed=seed), shown, prompt_only))
+        if request.grammar is not None:
+            check_grammar_runs(pair, request.grammar, "response_format" if call is None else "tool_choice")
         body = {k: v for k, v in body.items() if k not in ("messages", "prompt")}
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
-        return choices, prompt_tokens, stream, usage_apart or len(choices) > 1, body, rendered
+        return choices, prompt_tokens, stream, usage_apart or len(choices) > 1, body, rendered, tools
 
     async def generate(request: Request, chat: bool):
         rid = request_id(request)
-        choices, prompt_tokens, stream, usage_apart, body, rendered = await run_in_threadpool(
+        choices, prompt_tokens, stream, usage_apart, body, rendered, tools = await run_in_threadpool(
             prepare, await request.body(), chat)
         loop, jobs = asyncio.get_running_loop(), []
         for one, shown, prompt_only in choices:
             thoughts = ThoughtText.of(pair.tokenizer, rendered) if chat else None
             jobs.append(Job(one, loop, asyncio.Queue(), rid, settings={**body, "seed": one.seed}, echo=shown,
-                            prompt_only=prompt_only, thoughts=thoughts))
+                            prompt_only=prompt_only, thoughts=thoughts,
+                            tools=ToolCallText(pair.tokenizer, tools) if tools else None))
             if not worker.submit(jobs[-1]):
                 for job in jobs[:-1]:
                     job.leave()
@@ -154,7 +164,8 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
         if any(c.finish is None for c in results):  # the client left: nobody reads this
             return Response(status_code=499)
         tokens, stats = sum(c.tokens for c in results), Stats.pooled([c.stats for c in results])
-        return JSONResponse(reply.whole([(c.text, c.finish, c.logprobs, c.thought) for c in results], tokens, stats),
+        return JSONResponse(reply.whole([(c.text, c.finish, c.logprobs, c.thought, c.calls) for c in results],
+                                        tokens, stats),
                             headers=headers)
 
     async def models(request: Request):
@@ -187,13 +198,13 @@ async def leave_on_disconnect(request: Request, jobs: List[Job]):
 
 async def whole(job: Job) -> Delta:
     """One choice's deltas joined; finish None if the client left."""
-    parts, thought, finish, tokens, stats, logprobs = [], [], None, 0, None, None
+    parts, thought, finish, tokens, stats, logprobs, calls = [], [], None, 0, None, None, ()
     async for delta in job.updates():
         parts.append(delta.text)
         thought.append(delta.thought)
-        finish, tokens, stats = delta.finish, delta.tokens, delta.stats
+        finish, tokens, stats, calls = delta.finish, delta.tokens, delta.stats, calls + delta.calls
         logprobs = None if delta.logprobs is None else (logprobs or []) + delta.logprobs
-    return Delta("".join(parts), finish, tokens, stats, logprobs, "".join(thought))
+    return Delta("".join(parts), finish, tokens, stats, logprobs, "".join(thought), calls)
 
 
 async def chunks(jobs: List[Job], reply: Reply, usage_apart: bool):
@@ -225,10 +236,10 @@ async def chunks(jobs: List[Job], reply: Reply, usage_apart: bool):
             totals[index], stats[index] = update.tokens, update.stats
             if update.finish and not usage_apart:
                 yield {"data": json.dumps(reply.chunk(update.text, update.finish, index, totals[index], stats[index],
-                                                      update.logprobs, update.thought))}
+                                                      update.logprobs, update.thought, update.calls))}
             else:
                 yield {"data": json.dumps(reply.chunk(update.text, update.finish, index, logprobs=update.logprobs,
-                                                      thought=update.thought))}
+                                                      thought=update.thought, calls=update.calls))}
         if any(s is None for s in stats):  # (a choice ended without a token: its client left)
             return
         if usage_apart:

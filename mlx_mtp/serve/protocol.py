@@ -3,9 +3,10 @@ and the shapes of the replies. Nothing here touches HTTP or MLX."""
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from mlx_lm.sample_utils import make_logits_processors
 
@@ -14,6 +15,7 @@ from ..conversation import render
 from ..decoding.grammar import check_grammar, grammar_tokenizer, json_grammar
 from ..decoding.sampling import SamplingParams
 from ..models.cache import MAX_DRAFT_TOKENS
+from ..tools import call_format, call_grammar
 from ..request import MAX_TOP_LOGPROBS, GenerationRequest, check_vocabulary, encode
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -105,23 +107,17 @@ def parse_processors(body: dict, vocab_size: int) -> list:
 
 
 def refuse_unsupported(body: dict):
-    """Fields this server cannot honour yet, when set to ask for something: a clear 400,
-    never a reply that silently ignores them (a client's defaults, such as `logprobs:
-    false` or `tool_choice: "none"`, pass)."""
+    """Fields this server cannot honour, when set to ask for something: a clear 400, never
+    a reply that silently ignores them."""
     asks = {
-        "tools": bool(body.get("tools")) and body.get("tool_choice") != "none",
-        "tool_choice": body.get("tool_choice") not in (None, "none", "auto"),
-        "functions": bool(body.get("functions")),
+        "functions": bool(body.get("functions")),  # (the API's old form of tools)
+        "function_call": body.get("function_call") not in (None, "none", "auto"),
         "suffix": body.get("suffix") not in (None, ""),
         "best_of": body.get("best_of") not in (None, 1),
     }
     for name, asked in asks.items():
         if asked:
-            raise BadRequest(f"'{name}' is not supported by this server yet", name)
-    messages = body.get("messages")
-    for m in messages if isinstance(messages, list) else []:  # (anything else: a 400 from the prompt's checks)
-        if isinstance(m, dict) and (m.get("role") in ("tool", "function") or m.get("tool_calls") or m.get("function_call")):
-            raise BadRequest("tool calls and tool results are not supported by this server yet", "messages")
+            raise BadRequest(f"'{name}' is not supported by this server", name)
 
 
 def parse_request(body: dict, context: Optional[int], vocab_size: int, settings: Settings,
@@ -208,7 +204,7 @@ def parse_response_format(body: dict) -> Optional[str]:
         raise BadRequest(str(e), "response_format") from None
 
 
-def check_response_format(pair: Pair, grammar: str):
+def check_grammar_runs(pair: Pair, grammar: str, param: str):
     """A 400 if the grammar library cannot run this grammar with the pair's tokenizer (the
     first check builds the library's view of the tokenizer: about a second)."""
     try:
@@ -216,7 +212,59 @@ def check_response_format(pair: Pair, grammar: str):
             raise ValueError("structured output needs the target's tokenizer")
         check_grammar(grammar, grammar_tokenizer(pair.tokenizer, pair.target.vocab_size, pair.eos_ids))
     except ValueError as e:
-        raise BadRequest(str(e), "response_format") from None
+        raise BadRequest(str(e), param) from None
+
+
+MAX_TOOLS = 128  # as OpenAI
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+
+
+def parse_tools(pair: Pair, body: dict) -> Tuple[Optional[List[dict]], Optional[str]]:
+    """The functions the template declares (None: no tools, or `tool_choice: "none"`) and
+    the grammar a reply must follow (`tool_choice` "required": a call of one of them, a named
+    function: a call of that one; None: the model chooses, "auto")."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or tools == []:
+        if choice not in (None, "none"):
+            raise BadRequest("'tool_choice' needs 'tools'", "tool_choice")
+        return None, None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise BadRequest(f"'tools' must be a list of up to {MAX_TOOLS} functions", "tools")
+    names = []
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not TOOL_NAME.fullmatch(function["name"]):
+            raise BadRequest("each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}} with a name "
+                             "of letters, digits, '_' and '-' (at most 64)", "tools")
+        if not isinstance(function.get("parameters", {}), dict) or not isinstance(function.get("description", ""), str):
+            raise BadRequest(f"tool {function['name']!r}: 'parameters' must be a JSON schema (an object) and "
+                             "'description' a string", "tools")
+        names.append(function["name"])
+    if len(set(names)) < len(names):
+        raise BadRequest("two tools have the same name", "tools")
+    several = body.get("parallel_tool_calls", True)
+    if not isinstance(several, bool):
+        raise BadRequest("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
+    if choice == "none":  # (the template is not shown them)
+        return None, None
+    if call_format(pair.tokenizer) is None:
+        raise BadRequest(f"the chat template of {pair.name or 'this model'} has no tool calling", "tools")
+    if choice in (None, "auto"):
+        return tools, None
+    if choice == "required":
+        chosen = tools
+    else:
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+            and isinstance(choice.get("function"), dict) else None
+        if name not in names:
+            raise BadRequest("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                             "\"function\": {\"name\": ...}} naming one of 'tools'", "tool_choice")
+        chosen, several = [tools[names.index(name)]], False
+    try:
+        return tools, call_grammar(pair.tokenizer, chosen, several)
+    except ValueError as e:
+        raise BadRequest(str(e), "tool_choice") from None
 
 
 def parse_echo(body: dict, chat: bool) -> Tuple[bool, bool]:
@@ -284,9 +332,9 @@ def completion_prompt(pair: Pair, prompt) -> Tuple[List[int], Optional[str]]:
     raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
 
 
-def chat_prompt(pair: Pair, body: dict) -> Tuple[List[int], str]:
+def chat_prompt(pair: Pair, body: dict, tools: Optional[List[dict]] = None) -> Tuple[List[int], str]:
     """The conversation's ids, and its text as rendered (through the chat template with the
-    request's `chat_template_kwargs`, e.g. `{"enable_thinking": true}`)."""
+    request's `chat_template_kwargs`, e.g. `{"enable_thinking": true}`, and its `tools`)."""
     options = body.get("chat_template_kwargs") or {}
     if not isinstance(options, dict):
         raise BadRequest("'chat_template_kwargs' must be an object", "chat_template_kwargs")
@@ -295,23 +343,67 @@ def chat_prompt(pair: Pair, body: dict) -> Tuple[List[int], str]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
-    clean = []
+    clean, calls = [], {}  # calls: tool call id -> the function's name
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest("each message needs a 'role' and a 'content'", "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: the text ones
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise BadRequest("only text content parts are supported", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise BadRequest("each message needs a 'role' and a 'content'", "messages")
-        clean.append({"role": m["role"], "content": content})
+        if m["role"] == "function":
+            raise BadRequest("role 'function' (the API's old form of tool results) is not supported: "
+                             "send role 'tool'", "messages")
+        message = {"role": m["role"], "content": message_text(m)}
+        if m.get("tool_calls") is not None:
+            message["tool_calls"] = tool_calls_of(m, calls)
+        if m["role"] == "tool":
+            if m.get("tool_call_id") not in calls:
+                raise BadRequest("a tool message's 'tool_call_id' must be the id of a call earlier in 'messages'",
+                                 "messages")
+            message.update(tool_call_id=m["tool_call_id"], name=calls[m["tool_call_id"]])
+        clean.append(message)
+    if calls and call_format(pair.tokenizer) is None:
+        raise BadRequest(f"the chat template of {pair.name or 'this model'} has no tool calling", "messages")
     try:
-        text = render(pair, clean, options)
+        text = render(pair, clean, options, tools)
         return encode(pair.tokenizer, text), text
     except ValueError as e:
         raise BadRequest(str(e), "messages") from None
+
+
+def message_text(m: dict) -> str:
+    """A message's content as text: a string, or its text parts joined (an assistant's
+    that only calls tools may have none)."""
+    content = m.get("content")
+    if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+        return ""
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise BadRequest("only text content parts are supported", "messages")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise BadRequest("each message needs a 'role' and a 'content'", "messages")
+    return content
+
+
+def tool_calls_of(m: dict, calls: dict) -> List[dict]:
+    """An assistant message's tool calls as templates read them (arguments as an object),
+    their ids noted in `calls` for the tool results that follow."""
+    if m["role"] != "assistant" or not isinstance(m["tool_calls"], list):
+        raise BadRequest("'tool_calls' must be a list, on an assistant message", "messages")
+    out = []
+    for call in m["tool_calls"]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(call.get("id"), str) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str)):
+            raise BadRequest("each tool call needs an 'id' and a 'function' with a 'name' and its 'arguments' "
+                             "(a JSON string)", "messages")
+        try:
+            arguments = json.loads(function["arguments"])
+        except (ValueError, RecursionError):
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise BadRequest(f"the arguments of tool call {call['id']!r} are not a JSON object", "messages")
+        calls[call["id"]] = function["name"]
+        out.append({"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
 
 
 # Replies.
@@ -343,34 +435,39 @@ class Reply:
     def __post_init__(self):
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
 
-    def whole(self, choices: List[Tuple[str, str, Optional[list], str]], tokens: int, stats) -> dict:
-        """choices: (text, finish reason, logprobs or None, thought) of each; tokens:
-        completion tokens of all."""
-        return self._envelope([self._choice(text, finish, "message", i, logprobs, thought)
-                               for i, (text, finish, logprobs, thought) in enumerate(choices)],
+    def whole(self, choices: List[Tuple[str, str, Optional[list], str, list]], tokens: int, stats) -> dict:
+        """choices: (text, finish reason, logprobs or None, thought, tool calls) of each;
+        tokens: completion tokens of all."""
+        return self._envelope([self._choice(text, finish, "message", i, logprobs, thought, calls)
+                               for i, (text, finish, logprobs, thought, calls) in enumerate(choices)],
                               False, usage=self._usage(tokens), mtp=mtp_stats(stats))
 
     def chunk(self, text: str, finish: Optional[str], index: int = 0, tokens: Optional[int] = None, stats=None,
-              logprobs: Optional[list] = None, thought: str = "") -> dict:
+              logprobs: Optional[list] = None, thought: str = "", calls: Sequence[dict] = ()) -> dict:
         """One chunk of a stream, of choice `index` (with its new tokens' logprobs, if
-        asked, and its new thought); with `tokens` and `stats` (the last chunk of a
-        one-choice reply) the usage and the stats too."""
+        asked, its new thought and its completed tool calls); with `tokens` and `stats`
+        (the last chunk of a one-choice reply) the usage and the stats too."""
         extra = {"usage": self._usage(tokens), "mtp": mtp_stats(stats)} if tokens is not None else {}
-        return self._envelope([self._choice(text, finish, "delta", index, logprobs, thought)], True, **extra)
+        return self._envelope([self._choice(text, finish, "delta", index, logprobs, thought, calls)], True, **extra)
 
     def usage_chunk(self, tokens: int, stats) -> dict:
         """After every choice of a several-choice stream finished: the usage and the stats."""
         return self._envelope([], True, usage=self._usage(tokens), mtp=mtp_stats(stats))
 
-    def _choice(self, text, finish, key: str, index: int, logprobs: Optional[list] = None, thought: str = "") -> dict:
+    def _choice(self, text, finish, key: str, index: int, logprobs: Optional[list] = None, thought: str = "",
+                calls: Sequence[dict] = ()) -> dict:
         """logprobs: per token (id, log-prob, [(id, log-prob)] of the top ones), or None;
-        thought: the reply's thinking, as `reasoning_content` beside `content` (chat)."""
+        thought: the reply's thinking, as `reasoning_content` beside `content` (chat);
+        calls: tool calls (a stream's with their `index`, a message's without)."""
         finish = "length" if finish == "context" else finish  # OpenAI's name for both limits
         if not self.chat:
             return {"index": index, "text": text, "finish_reason": finish, "logprobs": self._completion_logprobs(logprobs)}
-        message = {"role": "assistant", "content": text}
+        message = {"role": "assistant", "content": None if calls and not text and key == "message" else text}
         if thought:
             message["reasoning_content"] = thought
+        if calls:
+            message["tool_calls"] = [c if key == "delta" else {k: v for k, v in c.items() if k != "index"}
+                                     for c in calls]
         choice = {"index": index, key: message, "finish_reason": finish}
         if logprobs is not None:
             choice["logprobs"] = {"content": [

@@ -17,6 +17,7 @@ from ..checkpoints.pair import Pair
 from ..engine.rows import PromptCache
 from ..engine.scheduler import Engine
 from ..request import GenerationRequest, ThoughtText
+from ..tools import ToolCallText
 from .follower import AddRow, DropKept, FinishRow, send_plan
 from .protocol import BadRequest, Settings
 
@@ -32,6 +33,7 @@ class Delta(NamedTuple):
     stats: object  # the row's Stats
     logprobs: Optional[list]  # per new token (id, log-prob, [(id, log-prob)] of the top ones), or None
     thought: str = ""  # the thinking's new text (chat, where the template has a thinking channel)
+    calls: tuple = ()  # tool calls completed in this step (chat with tools), in OpenAI's form
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Job:
     echo: Optional[str] = None  # the prompt's text, which the reply starts with (completions' echo)
     prompt_only: bool = False  # echo with max_tokens 0: the one token the row commits is left out
     thoughts: Optional[ThoughtText] = None  # splits a chat reply's thinking from its answer
+    tools: Optional[ToolCallText] = None  # splits a chat reply's tool calls from its answer
 
     def leave(self):
         """The client is gone: drop the row, and end `updates` now."""
@@ -77,10 +80,14 @@ class Job:
                     logprobs = [(prompt[0], None, None)] + [
                         (t, lp, top) for t, (lp, top) in zip(prompt[1:], prompt_scores)] + logprobs
             first = False
-            thought = ""
+            thought, calls = "", ()
             if self.thoughts is not None:
                 thought, text = self.thoughts.feed(text, final=finish is not None)
-            yield Delta(text, finish, tokens, stats, logprobs, thought)
+            if self.tools is not None:
+                text, calls = self.tools.feed(text, final=finish is not None)
+                if finish == "stop" and self.tools.count:
+                    finish = "tool_calls"
+            yield Delta(text, finish, tokens, stats, logprobs, thought, tuple(calls))
             if finish:
                 return
 
