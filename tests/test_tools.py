@@ -222,7 +222,7 @@ def test_a_tool_round_trip_through_the_openai_sdk(server, gemma):
                                            max_tokens=80, tool_choice={"type": "function",
                                                                        "function": {"name": "get_weather"}})
     call = first.choices[0].message.tool_calls[0]
-    messages = QUESTION + [first.choices[0].message.model_dump(exclude_none=True),
+    messages = QUESTION + [first.choices[0].message,  # (the SDK's own message object, as its docs append it)
                            {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
     answer = client.chat.completions.create(model=server.model, messages=messages, tools=TOOLS, temperature=0,
                                             max_tokens=24)
