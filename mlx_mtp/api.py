@@ -10,6 +10,7 @@ mlx-lm's; each call turns them into one `GenerationRequest` for the engine.
 """
 
 import threading
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
@@ -36,7 +37,9 @@ class GenerationResponse:
     text: str
     tokens: List[int]
     stats: Stats
-    finish_reason: Optional[str] = None  # "stop" (EOS), "length", "context", "interrupted", or None while running
+    # "stop" (EOS), "length", "context", "interrupted", "error" (the grammar engine failed; see
+    # `stream_generate`), or None while running
+    finish_reason: Optional[str] = None
     # with a request's `logprobs`: per id, (its log-prob, [(id, log-prob)] of the top ones)
     logprobs: Optional[list] = None
     # in the first chunk, with a request's `prompt_logprobs`: the same per prompt id (the
@@ -104,7 +107,10 @@ def stream_generate(
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Yield committed text round by round; the last chunk has a finish_reason ("stop": a
-    stop id or stop string, "length": max_tokens, "context": the end of the target's context).
+    stop id or stop string, "length": max_tokens, "context": the end of the target's context,
+    "error": the request's grammar engine failed on an allowed id, e.g. at one of
+    llguidance's limits on an ambiguous grammar, and a warning says why; the text does not
+    complete the grammar).
 
     max_tokens: -1 for no limit (until a stop id or the end of the context), as in mlx-lm.
     temperature, top_p, top_k, min_p, logits_processors: as mlx-lm's `make_sampler` and
@@ -132,6 +138,8 @@ def stream_generate(
     try:
         while engine.busy:
             for update in engine.step():
+                if update.finish_reason == "error":
+                    warnings.warn(f"the grammar engine stopped the generation: {row.error}", stacklevel=2)
                 yield GenerationResponse(update.text, update.tokens, row.stats, update.finish_reason, update.logprobs,
                                          update.prompt_logprobs)
     finally:

@@ -181,3 +181,26 @@ def test_a_schema_the_library_cannot_compile_is_a_value_error(pair):
         mlx_mtp.Engine(pair).add(GenerationRequest(prompt_of(5), grammar=grammar))
     with pytest.raises(ValueError, match="must be an llguidance grammar"):
         GenerationRequest(prompt_of(5), grammar={"type": "object"})
+
+
+def test_a_grammar_engine_failure_ends_its_row_with_error_and_not_the_rows_beside_it(pair):
+    """An allowed id can pass one of llguidance's limits (here its 2,000 Earley items in a
+    row, on a very ambiguous grammar after ~220 ids): that row ends, finish_reason "error",
+    instead of committing an EOS as if the grammar were complete; a free row beside it goes on."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    ambiguous = llguidance.LLMatcher.grammar_from_lark('start: x*\nx: y | y y | y y y\ny: "a" | "a" "a" | z\nz: "a"+')
+    params = SamplingParams(temperature=0.0, logits_processors=make_logits_processors({1: -100.0}))  # no EOS
+    prompt = prompt_of(9)
+    request = GenerationRequest(prompt, params=params, max_tokens=400, grammar=ambiguous, draft_tokens=2)
+    with pytest.warns(UserWarning, match="Current row has 20.. items"):
+        out = mlx_mtp.generate(pair, prompt, request=request)
+    assert out.finish_reason == "error" and 100 < len(out.tokens) < 400 and set(out.text) == {"a"}
+    assert 1 not in out.tokens  # (no EOS committed as if the grammar were done)
+    free = GenerationRequest(prompt_of(9, seed=3), max_tokens=300, draft_tokens=2)
+    engine = mlx_mtp.Engine(pair)
+    failing, beside = engine.add(request), engine.add(free)
+    while engine.busy:
+        engine.step()
+    assert failing.finish_reason == "error" and "items" in failing.error and failing.generated == out.tokens
+    assert beside.finish_reason == "length" and beside.generated == mlx_mtp.generate(pair, free.prompt, request=free).tokens

@@ -107,7 +107,7 @@ class Constraint:
 
     def __init__(self, grammar: str, tokenizer):
         lib = llguidance()
-        self.matcher = lib.LLMatcher(tokenizer, grammar)
+        self.matcher = lib.LLMatcher(tokenizer, grammar, log_level=0)  # (its errors are ours to report)
         if self.matcher.is_error():
             raise ValueError(f"the grammar cannot be compiled: {self.matcher.get_error()}")
         self.vocab_size = tokenizer.vocab_size
@@ -124,9 +124,14 @@ class Constraint:
         """Advance past committed ids (every one allowed: they were drawn under its masks;
         once the grammar is complete it takes nothing more, and the EOS after it ends the row)."""
         for token in tokens:
-            if self.matcher.is_stopped():
+            if self.matcher.is_stopped() or not self.matcher.consume_token(token):
                 break
-            self.matcher.consume_token(token)
+
+    @property
+    def error(self) -> Optional[str]:
+        """Why the matcher stopped, if it failed (an allowed id can still pass one of
+        llguidance's limits, e.g. on how ambiguous a grammar may get): the row cannot go on."""
+        return self.matcher.get_error().strip().splitlines()[0] if self.matcher.is_error() else None
 
 
 def allowed_ids(constraints: List[Optional[Constraint]], drafts: List[List[int]], width: int,

@@ -56,7 +56,7 @@ class Update:
     row: "Row"
     tokens: List[int]
     text: str
-    finish_reason: Optional[str]  # "stop", "length", "context", "interrupted", or None while the row goes on
+    finish_reason: Optional[str]  # "stop", "length", "context", "interrupted", "error" (`Row.error`), or None
     logprobs: Optional[list] = None  # per token, if the request asked: (log-prob, [(id, log-prob)] of the top)
     # with the first token, if the request asked: the same per prompt id but the first of a new conversation
     prompt_logprobs: Optional[list] = None
@@ -98,6 +98,11 @@ class Row:
         return self.request.draft_tokens
 
     @property
+    def error(self) -> Optional[str]:
+        """Why the row could not go on (finish_reason "error"): its grammar engine failed."""
+        return None if self.constraint is None else self.constraint.error
+
+    @property
     def position(self) -> int:
         """Position of the newest committed token (the next one the target reads)."""
         return len(self.tokens) - 1
@@ -121,7 +126,9 @@ class Row:
             self.constraint.commit(tokens)
         self.carry = carry
         self.stats.generation_tokens += len(tokens)
-        if tokens[-1] in self.stop_ids:
+        if self.error is not None:
+            self.finish_reason = "error"
+        elif tokens[-1] in self.stop_ids:
             self.finish_reason = "stop"
         elif self.remaining <= 0:
             self.finish_reason = "context" if self.at_context else "length"

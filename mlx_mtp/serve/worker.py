@@ -180,6 +180,10 @@ class Worker:
             by_row = {id(job.row): job for job in self.jobs}
             for update in updates:
                 job = by_row[id(update.row)]
+                if update.finish_reason == "error":  # (the reply so far does not complete its grammar)
+                    self._finish(job, RuntimeError(f"the grammar engine stopped the reply after "
+                                                   f"{len(update.row.generated)} tokens: {update.row.error}"))
+                    continue
                 self._send(job, ("update", update.tokens, update.text, update.finish_reason, update.row.stats,
                                  update.logprobs, update.prompt_logprobs))
                 if update.finish_reason:
