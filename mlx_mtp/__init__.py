@@ -12,6 +12,7 @@ from .api import (
     generate,
     load,
     make_prompt_cache,
+    prepare_images,
     stream_generate,
 )
 from .checkpoints.loading import LoadError
@@ -20,6 +21,7 @@ from .decoding.sampling import SamplingParams
 from .engine.rows import PromptCache, Update
 from .engine.scheduler import Engine
 from .engine.stats import BatchStats, Stats
+from .images import Image, ImageError
 from .request import GenerationRequest
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "GenerationRequest",
     "GenerationResponse",
     "GenerationResult",
+    "Image",
+    "ImageError",
     "LoadError",
     "Pair",
     "PromptCache",
@@ -39,5 +43,6 @@ __all__ = [
     "generate",
     "load",
     "make_prompt_cache",
+    "prepare_images",
     "stream_generate",
 ]

@@ -12,7 +12,8 @@ mlx-lm's; each call turns them into one `GenerationRequest` for the engine.
 import threading
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .checkpoints.pair import Pair, load_pair
 from .decoding.proposers import Proposer
@@ -20,9 +21,11 @@ from .decoding.sampling import SamplingParams
 from .engine.rows import PromptCache
 from .engine.scheduler import Engine
 from .engine.stats import BatchStats, Stats
+from .images import MAX_IMAGES, Image, ImageError
 from .request import GenerationRequest, encode
 
 Prompt = Union[str, List[int]]
+ImageSource = Union[str, Path, bytes, Image]  # a file, its bytes, or an image prepared already
 
 # Prompt ids a generation here reads per forward, as mlx-lm's generate: nothing decodes
 # beside it, so the fewest forwards win. (The server's engine reads smaller measured
@@ -96,6 +99,34 @@ def _request(pair: Pair, prompt: Prompt, first: bool, request: Optional[Generati
     return request.with_prompt(encode(pair.tokenizer, prompt, first))
 
 
+def prepare_images(pair: Pair, images: Sequence[ImageSource]) -> Tuple[Image, ...]:
+    """Images (paths, bytes, or `Image`s already prepared) checked and resized for this
+    pair's target; ImageError (a ValueError) for one it cannot take."""
+    if isinstance(images, (str, bytes, Path, Image)):
+        images = [images]
+    vision = pair.target.vision
+    if images and vision is None:
+        raise ImageError(f"{pair.name or 'this target'} has no vision tower: images need a multimodal Gemma 4 checkpoint")
+    if len(images) > MAX_IMAGES:
+        raise ImageError(f"{len(images)} images, over the {MAX_IMAGES} a request may have")
+    return tuple(image if isinstance(image, Image) else vision.prepare(image) for image in images)
+
+
+def with_images(pair: Pair, request: GenerationRequest, images: Sequence[ImageSource]) -> GenerationRequest:
+    """The request with these images placed in its prompt: at its image tokens (the chat
+    template writes one per image), or, if it has none, before the rest of the prompt
+    (after BOS)."""
+    images = prepare_images(pair, images)
+    if not images:
+        return request
+    vision = pair.target.vision
+    ids = list(request.prompt)
+    if vision.image_token not in ids:
+        at = 1 if ids[:1] == [getattr(pair.tokenizer, "bos_token_id", None)] else 0
+        ids[at:at] = [vision.image_token] * len(images)
+    return replace(request, prompt=tuple(vision.placed(ids, images)), images=images)
+
+
 def stream_generate(
     pair: Pair,
     prompt: Prompt,
@@ -104,6 +135,7 @@ def stream_generate(
     proposer: Union[str, Proposer] = "hybrid",
     request: Optional[GenerationRequest] = None,
     prefill_step_size: int = PREFILL_STEP_SIZE,
+    images: Sequence[ImageSource] = (),
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Yield committed text round by round; the last chunk has a finish_reason ("stop": a
@@ -127,8 +159,11 @@ def stream_generate(
     prompt is replaced by `prompt`).
     prefill_step_size: prompt ids read per forward (default: mlx-lm's 2048); the output of a
     prompt longer than it depends on it, as in mlx-lm.
+    images: image files, their bytes, or prepared `Image`s, for a multimodal target (see
+    `with_images` for where they go in the prompt).
     """
     request = _request(pair, prompt, prompt_cache is None or not prompt_cache.tokens, request, kwargs)
+    request = with_images(pair, request, images)
     engine = Engine(pair, max_batch=1, proposer=proposer, prefill_step_size=prefill_step_size)
     if interrupt is not None:
         if not callable(getattr(interrupt, "is_set", None)):
@@ -172,6 +207,7 @@ def batch_generate(
     proposer: Union[str, Proposer] = "hybrid",
     request: Optional[GenerationRequest] = None,
     prefill_step_size: int = PREFILL_STEP_SIZE,
+    images: Optional[List[Sequence[ImageSource]]] = None,
     **kwargs,
 ) -> BatchResults:
     """Generate for every prompt; row i gives what `generate` gives for prompt i alone.
@@ -179,22 +215,25 @@ def batch_generate(
     Same settings as `generate`, for every row. seed: one per row, or an int s (row i is
     seeded s + i); at a fixed num_draft_tokens, row i equals `generate(prompt_i,
     seed=s_i)`. prompt_caches: per row a conversation to continue (or None). max_batch:
-    rows decoded at once (default: all); the others join as rows finish.
+    rows decoded at once (default: all); the others join as rows finish. images: per row, its
+    images (as `generate`'s).
     """
     if not prompts:
         raise ValueError("no prompts given")
     seeds = seed if isinstance(seed, (list, tuple)) else [None if seed is None else seed + i for i in range(len(prompts))]
     caches = prompt_caches or [None] * len(prompts)
-    if len(seeds) != len(prompts) or len(caches) != len(prompts):
-        raise ValueError("seed and prompt_caches need one entry per prompt")
+    images = images or [()] * len(prompts)
+    if len(seeds) != len(prompts) or len(caches) != len(prompts) or len(images) != len(prompts):
+        raise ValueError("seed, prompt_caches and images need one entry per prompt")
     requests = []
-    for prompt, s, cache in zip(prompts, seeds, caches):
+    for prompt, s, cache, row_images in zip(prompts, seeds, caches, images):
         first = cache is None or not cache.tokens
         if request is None:
-            requests.append(make_request(pair, prompt, first, seed=s, **kwargs))
+            one = make_request(pair, prompt, first, seed=s, **kwargs)
         else:
             one = _request(pair, prompt, first, request, kwargs)
-            requests.append(one if s is None else replace(one, seed=s))
+            one = one if s is None else replace(one, seed=s)
+        requests.append(with_images(pair, one, row_images))
     engine = Engine(pair, max_batch=len(prompts) if max_batch is None else max_batch, proposer=proposer,
                     prefill_step_size=prefill_step_size)
     rows = []

@@ -15,12 +15,13 @@ was cut short.
 """
 
 from dataclasses import replace
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 from .api import GenerationResponse, make_prompt_cache, stream_generate
 from .checkpoints.pair import Pair
 from .checkpoints.registry import DIALOGUE
 from .engine.stats import Stats
+from .images import Image
 from .request import GenerationRequest
 
 MARKER = "MLX_MTP_LAST_REPLY"
@@ -125,15 +126,22 @@ class Conversation:
             new = new[len(self.eos) :]  # the reply ended with the template's own end of turn
         return self.unfed + new
 
-    def reply(self, user: str, request: Optional[GenerationRequest] = None, **kwargs) -> Iterator[GenerationResponse]:
-        """Stream the reply to `user`; same keyword arguments as `stream_generate`.
+    def reply(self, user: str, request: Optional[GenerationRequest] = None, images: Sequence[Image] = (),
+              **kwargs) -> Iterator[GenerationResponse]:
+        """Stream the reply to `user` (about `images`, prepared: `prepare_images`); same
+        keyword arguments as `stream_generate`.
 
         Closing the generator early (after any chunk) keeps the reply so far, in the
         conversation and in the cache. If the turn fails before its first chunk (e.g. it does
         not fit in the context), nothing changes.
         """
-        messages = self.messages + [{"role": "user", "content": user}]
+        content = [{"type": "image", "image": i} for i in images] + [{"type": "text", "text": user}] if images else user
+        messages = self.messages + [{"role": "user", "content": content}]
         new = self._new_text(messages)
+        # The images whose placeholders the new text holds: this turn's, or all of them when
+        # the whole conversation is read again.
+        kwargs["images"] = [part["image"] for m in (messages if not self.cache.tokens else messages[-1:])
+                            if isinstance(m["content"], list) for part in m["content"] if part["type"] == "image"]
         self.fed = new  # (what this turn feeds, up to the reply: whether it opens a thought)
         shown, tokens, last = [], [], None
         # A base model's reply ends where it begins the next turn (a stop string).

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from .checkpoints.loading import LoadError
 from .decoding.sampling import SamplingParams
+from .images import Image
 from .models.cache import MAX_DRAFT_TOKENS
 
 NO_LIMIT = -1  # max_tokens as in mlx-lm: until a stop id or the end of the context
@@ -39,7 +40,8 @@ class GenerationRequest:
     (None: none). prompt_logprobs: with logprobs, also each prompt id's, under the ids
     before it (the first id of a new conversation has none), as OpenAI's `echo` scores a
     prompt. grammar: an llguidance grammar (see `decoding.grammar.json_grammar`) that every
-    committed id must follow (None: free text)."""
+    committed id must follow (None: free text). images: the prompt's images, in order (see
+    `images.Vision.placed`, which puts their soft tokens in the prompt)."""
 
     prompt: Tuple[int, ...] = ()
     params: SamplingParams = SamplingParams()
@@ -51,6 +53,7 @@ class GenerationRequest:
     logprobs: Optional[int] = None
     prompt_logprobs: bool = False
     grammar: Optional[str] = None
+    images: Tuple[Image, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.prompt, (str, bytes)):
@@ -74,6 +77,9 @@ class GenerationRequest:
             raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS} top alternatives, got {self.logprobs!r}")
         if not isinstance(self.prompt_logprobs, bool) or (self.prompt_logprobs and self.logprobs is None):
             raise ValueError("prompt_logprobs must be True or False, and True only with logprobs")
+        object.__setattr__(self, "images", tuple(self.images or ()))
+        if not all(isinstance(image, Image) for image in self.images):
+            raise ValueError("images must be images.Image (see Vision.prepare)")
         if self.grammar is not None and not isinstance(self.grammar, str):
             raise ValueError(f"grammar must be an llguidance grammar (a string), got {type(self.grammar).__name__}")
 

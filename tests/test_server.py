@@ -24,6 +24,7 @@ from conftest import MLX_LM_PREFILL, FIXTURES, load_pair, plain_greedy, prompt_o
 from mlx_mtp.conversation import DIALOGUE_STOPS, render_dialogue
 from mlx_mtp.decoding.grammar import json_grammar
 from mlx_mtp.request import encode
+from mlx_mtp.serve.protocol import MAX_BODY_BYTES
 
 TARGET, DRAFTER = str(FIXTURES / "target_e2b"), str(FIXTURES / "drafter_sparse")
 K = 2  # the server's fixed draft length: seeded samples are then reproducible row by row
@@ -37,11 +38,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *flags, target=TARGET):
+    def __init__(self, *flags, target=TARGET, drafter=DRAFTER):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", "from mlx_mtp.cli import main; main()", "serve", "--target", str(target),
-               "--drafter", DRAFTER, "--port", str(self.port), *map(str, flags)]
+               "--drafter", str(drafter), "--port", str(self.port), *map(str, flags)]
         self.stderr = tempfile.NamedTemporaryFile("w+", suffix=".log")  # a file: a pipe nobody reads fills up
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.stderr, text=True,
                                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -306,7 +307,7 @@ BAD = [
      "content": "42"}]}, "role 'function'"),
     ("chat/completions", {"messages": 5}, "messages"),
     ("chat/completions", {"messages": True}, "messages"),
-    ("completions", {"prompt": "x" * (5 * 1024 * 1024)}, "over"),
+    ("completions", {"prompt": "x" * (MAX_BODY_BYTES + 1)}, "request body is over"),
 ]
 
 
@@ -451,7 +452,7 @@ def test_a_non_streaming_client_that_gives_up_frees_its_rows_at_the_next_step(se
 def test_a_client_that_leaves_while_its_long_prompt_is_read_frees_it(server, pair):
     body = {"model": TARGET, "prompt": prompt_of(4000, seed=21), "max_tokens": 5, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.1)  # (63 chunks of 64 ids take longer)
     assert server.idle() == {"status": "ok", "rows": 0, "reading": 0, "queued": 0}
     assert "cancelled: the client left before its first token" in server.log()
     # Nothing of it was kept: the same prompt again is read whole, and gives what it gives alone.

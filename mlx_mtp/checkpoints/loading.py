@@ -13,6 +13,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
+from ..images import Vision
 from ..models.drafter import Drafter, ModelArgs as DrafterArgs
 from ..models.pipeline import Pipeline, weight_bytes
 from ..models.target import FULL, SLIDING, Target
@@ -122,6 +123,7 @@ def load_target(path: Path, pipeline: Optional[Pipeline] = None, drafter: bool =
         overrides = normalize_gemma4_text(config)
     model = _load_weights_into(path, overrides, lazy=pipeline is not None)
     target = Target(model, pipeline, drafter)
+    target.vision = Vision.of(path, config) if model_type == "gemma4" else None
     if pipeline is not None:
         try:  # the weights of the layers kept: read now, not in the first forward
             mx.eval(model.parameters())

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+import mlx_mtp
+
 from ..conversation import Conversation, render
 from ..engine.stats import Stats
 from ..request import ThoughtText
@@ -101,6 +103,7 @@ def chat(
     options.measure_costs_once(pair)
     kwargs = {"request": request, "proposer": proposer}
     console = Console(highlight=False, soft_wrap=True)
+    images = []  # for the next message (/image)
     for line in banner(pair, target):
         console.print(line, style="dim", markup=False)
     while True:
@@ -123,11 +126,18 @@ def chat(
         elif command == "/system":
             conversation.set_system(argument.strip())
             console.print(f"system prompt {'set' if argument.strip() else 'cleared'}", style="dim")
+        elif command == "/image":
+            try:
+                images.append(mlx_mtp.prepare_images(pair, [argument.strip()])[0])
+                console.print(f"image {argument.strip()} goes with your next message", style="dim", markup=False)
+            except ValueError as e:
+                console.print(f"error: {e}", style="red", markup=False)
         elif command.startswith("/"):
             console.print(f"unknown command {command}; commands: {COMMANDS}", style="dim", markup=False)
         elif line.strip():
             try:
-                stream_reply(conversation, line, console, verbose, **kwargs)
+                stream_reply(conversation, line, console, verbose, images=images, **kwargs)
+                images = []
             except ValueError as e:  # e.g. the context is full: the conversation goes on
                 console.print(f"error: {e} (/reset starts a new conversation)", style="red", markup=False)
             kwargs["request"] = replace(request, seed=None)  # seed once per session, not every turn

@@ -9,7 +9,7 @@ from ..checkpoints.registry import DIALOGUE
 from ..engine.stats import Stats
 from . import RANK
 
-COMMANDS = "/reset  /stats  /system TEXT  /exit"
+COMMANDS = "/reset  /stats  /system TEXT  /image PATH  /exit"
 
 
 def status(message: str):

@@ -4,7 +4,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -14,6 +14,7 @@ from ..api import batch_generate
 from ..bench.runner import load_prompts
 from ..conversation import render, stop_strings
 from ..engine.stats import Stats
+from ..images import read_bytes
 from . import app, fail, one_line_errors, options
 from .display import details, status, summary_line
 
@@ -48,6 +49,10 @@ def generate(
         Optional[int],
         typer.Option("--batch", help="Rows of --prompts-file decoded at once; the next joins as one ends. Default: 1."),
     ] = None,
+    image: Annotated[
+        Optional[List[Path]],
+        typer.Option("--image", help="An image the prompt is about (repeatable; a multimodal Gemma 4 target)."),
+    ] = None,
     verbose: options.VerboseOption = False,
 ):
     """Complete one prompt, streaming the text as it is committed; or a file of prompts in batches."""
@@ -59,13 +64,21 @@ def generate(
     prompts = load_prompts(prompts_file)["file"] if prompts_file else [sys.stdin.read() if prompt == "-" else prompt]
     if not prompts[0]:
         fail("the prompt is empty")
+    if image and prompts_file:
+        fail("--image goes with one PROMPT, not --prompts-file")
+    pictures = [read_bytes(path) for path in image or []]  # (unreadable files fail before the model loads)
     options.check_proposers([proposer])
     pair = options.pair_from_flags(model, target, drafter, verbose, proposer)
+    pictures = mlx_mtp.prepare_images(pair, pictures)
     if chat:  # the chat template, or for a base target the dialogue `chat` uses, with its stops
-        prompts = [render(pair, [{"role": "user", "content": p}]) for p in prompts]
+        parts = [{"type": "image"} for _ in pictures]
+        prompts = [render(pair, [{"role": "user", "content": parts + [{"type": "text", "text": p}] if parts else p}])
+                   for p in prompts]
         request = replace(request, stop=request.stop + tuple(stop_strings(pair)))
     options.measure_costs_once(pair)
     kwargs = {"request": request, "proposer": proposer}
+    if pictures:
+        kwargs["images"] = pictures
     name = pair.name or target
 
     if prompts_file:

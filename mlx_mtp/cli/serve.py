@@ -1,5 +1,6 @@
 """`mlx-mtp serve`: the OpenAI-compatible server (mlx_mtp/serve/) on a loaded pair."""
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -40,6 +41,13 @@ def serve(
                      help=f"Most tokens of one reply; requests asking more end there. Default: {MAX_TOKENS_CAP} "
                           "or the context, the smaller."),
     ] = None,
+    image_dir: Annotated[
+        Optional[Path],
+        typer.Option("--image-dir", help="image_url parts may name image files under this directory."),
+    ] = None,
+    allow_remote_images: Annotated[
+        bool, typer.Option("--allow-remote-images", help="image_url parts may be http(s) URLs the server fetches.")
+    ] = False,
     verbose: VerboseOption = False,
 ):
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
@@ -51,11 +59,14 @@ def serve(
         fail(f"--draft-tokens must be auto or in 0..{MAX_DRAFT_TOKENS}, got {draft_tokens!r}")
     if max_batch < 1 or not 0 < port < 65536:
         fail("--max-batch must be >= 1 and --port in 1..65535")
+    if image_dir is not None and not image_dir.is_dir():
+        fail(f"--image-dir {image_dir}: no such directory")
     pair = pair_from_flags(model, target, drafter, verbose)
     measure_costs_once(pair)  # (not at the first request)
     name = pair.name or target
     ready = lambda: status(f"serving {name} at http://{host}:{port}/v1 (max batch {max_batch}); Ctrl-C stops")
-    settings = Settings(max_batch, max_queue, k, cache_mb * 1024 * 1024, prefill_step_size, max_tokens_cap, api_key)
+    settings = Settings(max_batch, max_queue, k, cache_mb * 1024 * 1024, prefill_step_size, max_tokens_cap, api_key,
+                        None if image_dir is None else str(image_dir), allow_remote_images)
     try:
         run_server(pair, name, host, port, settings, on_ready=ready)
     except KeyboardInterrupt:

@@ -2,12 +2,15 @@
 
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from ..decoding.round import as_lists, scored
 from ..decoding.sampling import token_logprobs
+from ..images import soft_runs
+from ..models.target import ChunkImages
 from ..request import GenerationRequest, RowText
 from .stats import Stats
 
@@ -23,6 +26,9 @@ class PromptCache:
     tokens: List[int] = field(default_factory=list)
     carry: Optional[mx.array] = None  # [1, 1, H]
     busy: bool = False  # lent to a live row
+    # per image among the ids: (first soft token's position, soft tokens, sha256 of its bytes),
+    # for two images have the same ids
+    images: Tuple[Tuple[int, int, str], ...] = ()
 
     @property
     def cached(self) -> int:
@@ -42,10 +48,13 @@ class PromptCache:
         position = n - 1  # of the newest kept id, which has no KV yet
         if not all(c.can_rewind(position) for c in self.cache or []):
             return False
+        if any(start <= position < start + length for start, length, _ in self.images):
+            return False  # (its soft tokens would be read again without the image)
         for c in self.cache or []:
             c.rewind(position)
         if n < len(self.tokens):
             self.tokens, self.carry = self.tokens[:n], None
+            self.images = tuple(span for span in self.images if span[0] < position)
         return True
 
 
@@ -60,6 +69,53 @@ class Update:
     logprobs: Optional[list] = None  # per token, if the request asked: (log-prob, [(id, log-prob)] of the top)
     # with the first token, if the request asked: the same per prompt id but the first of a new conversation
     prompt_logprobs: Optional[list] = None
+
+
+class PromptImages:
+    """A row's images where its prompt holds their soft tokens (positions from the prompt's
+    start), and their embeddings from the vision tower (lazy: computed with the first chunk
+    that reads them)."""
+
+    def __init__(self, prompt: List[int], images, target):
+        vision = target.vision
+        self.runs = soft_runs(prompt, vision.image_token)  # [(start, length)] per image
+        self.digests = [image.digest for image in images]
+        self.pad = vision.pad_token
+        self.features = mx.concatenate(vision.tower(target.hidden_size, target.dtype)(images))  # [N, H]
+        at = np.zeros(len(prompt), bool)
+        blocks = np.full(len(prompt), -1, np.int32)
+        for b, (start, length) in enumerate(self.runs):
+            at[start : start + length] = True
+            blocks[start : start + length] = b
+        self.at, self.index = at, np.maximum(np.cumsum(at) - 1, 0)  # soft token -> its embedding
+        self.blocks = blocks if vision.bidirectional else None
+
+    def chunk_size(self, start: int, n: int) -> int:
+        """n, or more so that the chunk from `start` ends no image part-way (an image's
+        soft tokens may attend to each other both ways)."""
+        end = start + n
+        for first, length in self.runs:
+            if first < end < first + length:
+                return first + length - start
+        return n
+
+    def chunk(self, tokens: mx.array, start: int, pending: int):
+        """The ids [1, pending + T] of prompt positions start.. (after `pending` ids before
+        the prompt) with the pad id on soft tokens, and their `ChunkImages`."""
+        T = tokens.shape[1] - pending
+        at = np.concatenate([np.zeros(pending, bool), self.at[start : start + T]])[None]  # [1, pending + T]
+        index = np.concatenate([np.zeros(pending, np.int64), self.index[start : start + T]])
+        embeddings = self.features[mx.array(index)][None]  # [1, pending + T, H]
+        blocks = None
+        if self.blocks is not None:
+            blocks = mx.array(np.concatenate([np.full(pending, -1, np.int32), self.blocks[start : start + T]])[None])
+        at = mx.array(at)
+        return mx.where(at, self.pad, tokens), ChunkImages(at, embeddings, blocks)
+
+    def spans(self, offset: int) -> Tuple[Tuple[int, int, str], ...]:
+        """Per image: (position of its first soft token, their number, digest) in a
+        conversation where the prompt starts at `offset`."""
+        return tuple((offset + start, length, d) for (start, length), d in zip(self.runs, self.digests))
 
 
 class Row:
@@ -84,6 +140,8 @@ class Row:
         self.constraint = constraint  # the grammar's state (decoding.grammar.Constraint), or None
         self.generated: List[int] = []
         self.prompt_scores: list = []  # (log-prob, top) of the prompt ids read so far, if asked
+        self.images: Optional[PromptImages] = None  # set when its prompt starts being read
+        self.image_spans = conversation.images  # the conversation's, then also the prompt's
         self.stats = Stats(prompt_tokens=len(self.prompt))
         self.finish_reason: Optional[str] = None
         self.started = 0.0  # when the first token was committed
@@ -154,17 +212,30 @@ class Reading:
         conversation = rows[0].conversation.cache
         self.cache = [c.copy() for c in conversation] if conversation else target.make_cache(len(rows))
         self.read = 0  # prompt ids read so far, per row
+        if rows[0].request.images:  # (rows with images are read one by one)
+            rows[0].images = PromptImages(rows[0].prompt, rows[0].request.images, target)
 
     @property
     def left(self) -> int:
         return len(self.rows[0].prompt) - self.read
 
+    def chunk_size(self, step: int) -> int:
+        """Ids the next chunk reads: `step`, or what is left, or up to the end of an image."""
+        n = min(step, self.left)
+        images = self.rows[0].images
+        return n if images is None else images.chunk_size(self.read, n)
+
     def read_chunk(self, target, n: int):
         """Read the next n prompt ids of every row (lazily); a row that continues a
         conversation reads its pending newest id first."""
         pending = self.rows[0].tokens[-1:] if self.read == 0 else []
-        chunk = [pending + row.prompt[self.read : self.read + n] for row in self.rows]
-        hidden = target.hidden(mx.array(chunk), self.cache)  # [R, n (+1), H]
+        chunk = mx.array([pending + row.prompt[self.read : self.read + n] for row in self.rows])
+        images = self.rows[0].images
+        if images is None:
+            hidden = target.hidden(chunk, self.cache)  # [R, n (+1), H]
+        else:
+            chunk, soft = images.chunk(chunk, self.read, len(pending))
+            hidden = target.hidden(chunk, self.cache, soft)
         self.read += n
         if any(row.request.prompt_logprobs for row in self.rows):
             # each position scores the id after it; the prompt's last one, the first token

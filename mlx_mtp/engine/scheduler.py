@@ -43,6 +43,7 @@ from ..decoding.grammar import Constraint, allowed_ids, grammar_tokenizer
 from ..decoding.proposers import Proposer, make_proposer
 from ..decoding.round import as_lists, round_keys, run_round, scored
 from ..decoding.sampling import Proposal, accept, token_logprobs
+from ..images import check_placed
 from ..request import NO_LIMIT, GenerationRequest, RowText, check_vocabulary, is_int
 from .costs import Costs, CostModel, choose_k
 from .rows import PromptCache, Reading, Row, Update
@@ -94,6 +95,11 @@ class Engine:
         conversation, if any). Checks what only the loaded pair knows: the ids against the
         vocabulary, the positions against the context."""
         check_vocabulary(request.prompt, self.pair.target.vocab_size)
+        if request.images:
+            if self.pair.target.pipeline is not None:
+                raise ValueError("images are not available when the target is split over ranks")
+            check_placed(request.prompt, request.images, self.pair.target.vision)
+            self.pair.target.vision.tower(self.pair.target.hidden_size, self.pair.target.dtype)  # loaded now: errors are the request's
         if request.logprobs is not None and self.pair.target.pipeline is not None:
             raise ValueError("logprobs are not available when the target is split over ranks")
         if prompt_cache is not None and prompt_cache.busy:
@@ -166,9 +172,9 @@ class Engine:
         touched, done = [], []
         try:
             for reading in list(self.reading):
-                n = min(step, reading.left)
-                if n > budget:
-                    continue  # (never the first chunk: n <= step) its turn stays
+                n = reading.chunk_size(step)
+                if touched and n > budget:
+                    continue  # its turn stays
                 touched.append(reading)
                 reading.read_chunk(self.pair.target, n)
                 budget -= n
@@ -194,8 +200,9 @@ class Engine:
         while self.waiting and slots > 0:
             first = self.waiting.popleft()
             rows = [first]
-            if not first.tokens:
-                rows += [r for r in self.waiting if not r.tokens and len(r.prompt) == len(first.prompt)][: slots - 1]
+            if not first.tokens and not first.request.images:
+                rows += [r for r in self.waiting if not r.tokens and not r.request.images
+                         and len(r.prompt) == len(first.prompt)][: slots - 1]
                 for row in rows[1:]:
                     self.waiting.remove(row)
             for row in rows:
@@ -231,6 +238,8 @@ class Engine:
         updates, finished = [], []
         for reading, ids, group_scores in zip(readings, tokens, map(as_lists, scores)):
             for i, (row, token) in enumerate(zip(reading.rows, ids.tolist())):
+                if row.images is not None:
+                    row.image_spans += row.images.spans(len(row.tokens))
                 row.tokens += row.prompt
                 row.started = time.perf_counter()
                 row.stats.prompt_time += row.started
@@ -278,6 +287,7 @@ class Engine:
         conversation.busy = False
         if row.keeps_conversation:
             conversation.cache, conversation.tokens, conversation.carry = cache(), row.tokens, row.carry
+            conversation.images = row.image_spans
             mx.eval([(c.keys, c.values) for c in conversation.cache])  # its own copy, not a view of the batch
 
     def _round(self) -> List[Update]:

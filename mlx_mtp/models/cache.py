@@ -95,18 +95,25 @@ class BatchCache(_BaseCache):
     def keys_and_values(self):
         return self.keys[..., : self.used, :], self.values[..., : self.used, :]
 
-    def make_mask(self, N: int, window_size: Optional[int] = None, return_array=False):
-        """Mask for N new queries per row over the keys the next update returns."""
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array=False, blocks=None):
+        """Mask for N new queries per row over the keys the next update returns. blocks:
+        [B, N] int, the image each new position belongs to (-1: none), to attend both ways
+        within an image (all of it among the N: an image is never split)."""
         window = window_size or self.window
         starts = self._starts_after(N)
         S = max(p - s for p, s in zip(self.positions, starts)) + N
-        if len(self.positions) == 1 and not return_array:
+        if len(self.positions) == 1 and not return_array and blocks is None:
             # One row: every stored key is committed; mlx-lm's fused paths where they apply.
             if not window or S <= window:
                 return None if N == 1 else "causal"
         k_pos = mx.array(starts)[:, None, None] + mx.arange(S)[None, None]  # [B, 1, S]
         q_pos = mx.array(self.positions)[:, None, None] + mx.arange(N)[None, :, None]  # [B, N, 1]
         mask = k_pos <= q_pos
+        if blocks is not None:
+            new = k_pos - mx.array(self.positions)[:, None, None]  # [B, 1, S]: index among the N, if >= 0
+            k_block = mx.take_along_axis(blocks, mx.maximum(new[:, 0], 0), axis=1)[:, None]  # [B, 1, S]
+            k_block = mx.where(new >= 0, k_block, -1)
+            mask = mask | ((k_block == blocks[:, :, None]) & (k_block >= 0))
         if window:
             mask = mask & (k_pos > q_pos - window)
         return mask[:, None]  # [B, 1, N, S]

@@ -5,6 +5,7 @@ adapter owns the caches (rollback-capable, see cache.py) and exposes the KV arra
 last non-shared sliding and full layers: the arrays an MTP drafter cross-attends to.
 """
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
@@ -18,6 +19,18 @@ from .products import product
 from .pipeline import Pipeline, layer_ranges
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass
+class ChunkImages:
+    """The images' soft tokens in a chunk of prompt ids (whose ids there are the pad id, as
+    transformers reads them for the per-layer inputs)."""
+
+    at: mx.array  # [B, T] bool: the positions holding a soft token
+    embeddings: mx.array  # [B, T, H]: the vision tower's embedding there (anything elsewhere)
+    # [B, T] int32: which image a position belongs to (-1: text), where a target's sliding
+    # layers attend both ways within an image (Gemma 4 26B and 31B); None: causal everywhere
+    blocks: Optional[mx.array] = None
 
 
 @partial(mx.compile, shapeless=True)
@@ -60,6 +73,7 @@ class Target:
             self.embed_scale = mx.array(self.hidden_size**0.5, mx.bfloat16).astype(self.dtype)
         else:
             self.embed_scale = self.lm.model.embed_scale
+        self.vision = None  # images.Vision of a multimodal checkpoint (set by the loader)
         self.pipeline = pipeline
         self.layers = range(len(self.layer_types))  # the layers this process holds
         self.weight_bytes = 0  # in a pipeline: of the weights this rank holds
@@ -100,23 +114,27 @@ class Target:
             if i < self.num_cached_layers
         ]
 
-    def hidden(self, tokens: mx.array, cache) -> mx.array:
+    def hidden(self, tokens: mx.array, cache, images: Optional[ChunkImages] = None) -> mx.array:
         """[B, T] new tokens -> [B, T, H] post-norm hidden states; extends the cache. In a
         pipeline, only rank 0 has them: the other ranks get what they sent on."""
-        if self.pipeline is None:
+        if self.pipeline is None and images is None:
             return self.decoder(tokens, cache=cache)
-        return self._stage_hidden(tokens, cache)
+        return self._stage_hidden(tokens, cache, images)
 
-    def _stage_hidden(self, tokens: mx.array, cache) -> mx.array:
-        """This rank's part of the forward, as mlx-lm's gemma3_text / gemma4_text models
-        compute it for these layers."""
+    def _stage_hidden(self, tokens: mx.array, cache, images: Optional[ChunkImages] = None) -> mx.array:
+        """This rank's part of the forward (all of it outside a pipeline), as mlx-lm's
+        gemma3_text / gemma4_text models compute it for these layers; with `images`, as
+        transformers' Gemma 4 computes a prompt with images."""
         p, model = self.pipeline, self.decoder
+        first, last, start = (True, True, 0) if p is None else (p.first, p.last, p.start)
         B, T = tokens.shape
         H = self.hidden_size
         P = getattr(model, "hidden_size_per_layer_input", 0) or 0  # E2B/E4B per-layer inputs
         L = len(self.layer_types)
-        if p.first:
+        if first:
             h = self.embed(tokens)
+            if images is not None:  # soft tokens take the vision tower's embeddings, unscaled
+                h = mx.where(images.at[..., None], images.embeddings.astype(h.dtype), h)
             per_layer = model._project_per_layer_inputs(h, model._get_per_layer_inputs(tokens)) if P else None
         else:
             x = p.recv((B, T, H + L * P), self.dtype)
@@ -125,12 +143,17 @@ class Target:
         masks = {}
         for i, c in zip([i for i in self.layers if i < self.num_cached_layers], cache):
             kind = self.layer_types[i]
-            if kind not in masks:
-                masks[kind] = create_attention_mask(h, c, window_size=self.sliding_window if kind == SLIDING else None)
+            if kind in masks:
+                continue
+            window = self.sliding_window if kind == SLIDING else None
+            if window and images is not None and images.blocks is not None:
+                masks[kind] = c.make_mask(T, window, blocks=images.blocks)
+            else:
+                masks[kind] = create_attention_mask(h, c, window_size=window)
         shared = {}  # gemma4: layer -> (keys, values, offset) for the KV-sharing layers after it
         for i in self.layers:
             layer, mask = model.layers[i], masks[self.layer_types[i]]
-            c = cache[i - p.start] if i < self.num_cached_layers else None
+            c = cache[i - start] if i < self.num_cached_layers else None
             if self.model_type == "gemma3_text":
                 h = layer(h, mask, c)
                 continue
@@ -138,7 +161,7 @@ class Target:
             h, kvs, offset = layer(h, mask, c, per_layer_input=None if P == 0 else per_layer[:, :, i],
                                    shared_kv=kvs, offset=offset)
             shared[i] = (kvs, offset)
-        if p.last:
+        if last:
             return model.norm(h)
         out = h if P == 0 else mx.concatenate([h, per_layer.reshape(B, T, L * P).astype(h.dtype)], axis=-1)
         out = p.send(out)

@@ -114,7 +114,8 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
                     raise BadRequest("a required or named tool call and 'response_format' cannot both be asked for",
                                      "tool_choice")
                 request = replace(request, grammar=call)
-            ids, rendered = chat_prompt(pair, body, tools)
+            ids, rendered, images = chat_prompt(pair, body, tools, settings)
+            request = replace(request, images=images)
             prompts = [(ids, None)]
         elif body.get("tools") or body.get("tool_choice"):
             raise BadRequest("'tools' and 'tool_choice' are fields of chat completions", "tools")

@@ -1,11 +1,15 @@
 """OpenAI's API as the server speaks it: requests parsed and checked one field at a time,
 and the shapes of the replies. Nothing here touches HTTP or MLX."""
 
+import base64
+import binascii
 import json
 import math
 import re
 import time
+import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from mlx_lm.sample_utils import make_logits_processors
@@ -14,11 +18,12 @@ from ..checkpoints.pair import Pair
 from ..conversation import render
 from ..decoding.grammar import check_grammar, grammar_tokenizer, json_grammar
 from ..decoding.sampling import SamplingParams
+from ..images import MAX_IMAGE_BYTES, Image, read_bytes
 from ..models.cache import MAX_DRAFT_TOKENS
 from ..tools import call_format, call_grammar
 from ..request import MAX_TOP_LOGPROBS, GenerationRequest, check_vocabulary, encode
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024  # (an image as a data URL is 4/3 of its bytes)
 MAX_TOKENS_CAP = 8192  # the default bound on one reply, when the context is longer
 
 
@@ -33,6 +38,8 @@ class Settings:
     prefill_step_size: Optional[int] = None  # None: the engine's measured default
     max_tokens_cap: Optional[int] = None  # None: MAX_TOKENS_CAP or the context, the smaller
     api_key: Optional[str] = None
+    image_dir: Optional[str] = None  # image_url parts may name files under it (None: no files)
+    remote_images: bool = False  # image_url parts may be http(s) URLs the server fetches
 
     def cap(self, context: Optional[int]) -> int:
         """The most tokens one reply may have."""
@@ -332,9 +339,11 @@ def completion_prompt(pair: Pair, prompt) -> Tuple[List[int], Optional[str]]:
     raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
 
 
-def chat_prompt(pair: Pair, body: dict, tools: Optional[List[dict]] = None) -> Tuple[List[int], str]:
-    """The conversation's ids, and its text as rendered (through the chat template with the
-    request's `chat_template_kwargs`, e.g. `{"enable_thinking": true}`, and its `tools`)."""
+def chat_prompt(pair: Pair, body: dict, tools: Optional[List[dict]] = None,
+                settings: Settings = Settings()) -> Tuple[List[int], str, Tuple[Image, ...]]:
+    """The conversation's ids (its images' soft tokens placed), its text as rendered (through
+    the chat template with the request's `chat_template_kwargs`, e.g. `{"enable_thinking":
+    true}`, and its `tools`), and its images."""
     options = body.get("chat_template_kwargs") or {}
     if not isinstance(options, dict):
         raise BadRequest("'chat_template_kwargs' must be an object", "chat_template_kwargs")
@@ -343,14 +352,14 @@ def chat_prompt(pair: Pair, body: dict, tools: Optional[List[dict]] = None) -> T
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
-    clean, calls = [], {}  # calls: tool call id -> the function's name
+    clean, calls, images = [], {}, []  # calls: tool call id -> the function's name
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest("each message needs a 'role' and a 'content'", "messages")
         if m["role"] == "function":
             raise BadRequest("role 'function' (the API's old form of tool results) is not supported: "
                              "send role 'tool'", "messages")
-        message = {"role": m["role"], "content": message_text(m)}
+        message = {"role": m["role"], "content": message_content(m, pair, settings, images)}
         if m.get("tool_calls") is not None:
             message["tool_calls"] = tool_calls_of(m, calls)
         if m["role"] == "tool":
@@ -363,24 +372,96 @@ def chat_prompt(pair: Pair, body: dict, tools: Optional[List[dict]] = None) -> T
         raise BadRequest(f"the chat template of {pair.name or 'this model'} has no tool calling", "messages")
     try:
         text = render(pair, clean, options, tools)
-        return encode(pair.tokenizer, text), text
+        ids = encode(pair.tokenizer, text)
+        if images:
+            ids = pair.target.vision.placed(ids, images)
+        return ids, text, tuple(images)
     except ValueError as e:
         raise BadRequest(str(e), "messages") from None
 
 
-def message_text(m: dict) -> str:
-    """A message's content as text: a string, or its text parts joined (an assistant's
-    that only calls tools may have none)."""
+def message_content(m: dict, pair: Pair, settings: Settings, images: list):
+    """A message's content for the template: a string, its text parts joined (an assistant's
+    that only calls tools may have none), or, with images (appended to `images`), its parts."""
     content = m.get("content")
     if content is None and m["role"] == "assistant" and m.get("tool_calls"):
         return ""
     if isinstance(content, list):
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise BadRequest("only text content parts are supported", "messages")
-        content = "".join(p["text"] for p in content)
+        if not all(isinstance(p, dict) and p.get("type") in ("text", "image_url") for p in content):
+            raise BadRequest("content parts must be of type 'text' or 'image_url'", "messages")
+        if not all(isinstance(p.get("text"), str) for p in content if p["type"] == "text"):
+            raise BadRequest("a text content part needs a string 'text'", "messages")
+        if all(p["type"] == "text" for p in content):
+            return "".join(p["text"] for p in content)
+        if m["role"] != "user":
+            raise BadRequest("images go in user messages", "messages")
+        parts = []
+        for p in content:
+            if p["type"] == "text":
+                parts.append({"type": "text", "text": p["text"]})
+            else:
+                images.append(image_of(p.get("image_url"), pair, settings))
+                parts.append({"type": "image"})
+        return parts
     if not isinstance(content, str):
         raise BadRequest("each message needs a 'role' and a 'content'", "messages")
     return content
+
+
+def image_of(part, pair: Pair, settings: Settings) -> Image:
+    """An `image_url` part's image: a base64 data URL; a file under the server's --image-dir
+    (a path or file:// URL); an http(s) URL only if the server was started with
+    --allow-remote-images (else a local server would fetch what any client asks)."""
+    url = part.get("url") if isinstance(part, dict) else None
+    if not isinstance(url, str) or not url:
+        raise BadRequest("an image_url part needs {'url': ...}", "messages")
+    if pair.target.vision is None:
+        raise BadRequest(f"{pair.name or 'this model'} has no vision tower: it reads no images", "messages")
+    if len(url) > 2 * MAX_IMAGE_BYTES:
+        raise BadRequest(f"the image URL is over {2 * MAX_IMAGE_BYTES} characters", "messages")
+    try:
+        if url.startswith("data:"):
+            header, _, payload = url.partition(",")
+            if not header.endswith(";base64"):
+                raise BadRequest("a data URL image must be base64 (data:image/png;base64,...)", "messages")
+            try:
+                data = base64.b64decode(payload, validate=True)
+            except binascii.Error:
+                raise BadRequest("the data URL's base64 is not valid", "messages") from None
+        elif url.startswith(("http://", "https://")):
+            if not settings.remote_images:
+                raise BadRequest("this server fetches no image URLs (start it with --allow-remote-images): "
+                                 "send the image as a data URL", "messages")
+            data = fetch_image(url)
+        else:
+            data = read_bytes(local_image(url, settings))
+        return pair.target.vision.prepare(data)
+    except ValueError as e:  # ImageError
+        raise BadRequest(str(e), "messages") from None
+
+
+def local_image(url: str, settings: Settings) -> Path:
+    """A file named by a path or file:// URL, if it lies under the server's --image-dir."""
+    if settings.image_dir is None:
+        raise BadRequest("this server reads no image files (start it with --image-dir DIR): "
+                         "send the image as a data URL", "messages")
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    root = Path(settings.image_dir).resolve()
+    path = (root / path).resolve()
+    if root != path and root not in path.parents:
+        raise BadRequest("image files must lie under the server's --image-dir", "messages")
+    return path
+
+
+def fetch_image(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            data = response.read(MAX_IMAGE_BYTES + 1)
+    except (OSError, ValueError) as e:
+        raise BadRequest(f"cannot fetch the image: {' '.join(str(e).split())}", "messages") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadRequest(f"the image at that URL is over {MAX_IMAGE_BYTES} bytes", "messages")
+    return data
 
 
 def tool_calls_of(m: dict, calls: dict) -> List[dict]:

@@ -8,14 +8,15 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional
+from dataclasses import dataclass, field, replace
+from typing import List, NamedTuple, Optional, Tuple
 
 from mlx_lm.utils import common_prefix_len
 
 from ..checkpoints.pair import Pair
 from ..engine.rows import PromptCache
 from ..engine.scheduler import Engine
+from ..images import image_spans
 from ..request import GenerationRequest, ThoughtText
 from ..tools import ToolCallText
 from .follower import AddRow, DropKept, FinishRow, send_plan
@@ -99,12 +100,15 @@ class Conversations:
         self.max_bytes = max_bytes
         self.kept: "OrderedDict[int, PromptCache]" = OrderedDict()
 
-    def take(self, ids: List[int]) -> Optional[PromptCache]:
-        """The kept conversation sharing the longest prefix with `ids`, rolled back to that
+    def take(self, ids: List[int], images: Tuple[Tuple[int, int, str], ...] = ()) -> Optional[PromptCache]:
+        """The kept conversation sharing the longest prefix with `ids` and their `images`
+        (spans, as `PromptCache.images`: two images have the same ids), rolled back to that
         prefix (the sliding layers allowing) so that at least one id is left to read."""
         best, best_len = None, 0
         for key, conv in self.kept.items():
             n = common_prefix_len(conv.tokens, ids)
+            # Up to the first image it has that these ids do not have at the same place.
+            n = min([n] + [span[0] for span in conv.images if span[0] < n and span not in images])
             if n > best_len:
                 best, best_len = key, n
         if best is None:
@@ -197,10 +201,13 @@ class Worker:
                 return
             block = False
             # (a prompt whose ids are scored is read whole: a kept conversation's have no scores)
-            kept = None if job.request.prompt_logprobs else self.conversations.take(job.request.prompt)
+            spans = image_spans(job.request.prompt, job.request.images, self.pair.target.vision)
+            kept = None if job.request.prompt_logprobs else self.conversations.take(job.request.prompt, spans)
             conv = kept or PromptCache()
             try:
-                job.row = self.engine.add(job.request.with_prompt(job.request.prompt[len(conv.tokens):]), conv)
+                read = len(conv.tokens)  # the kept conversation has the images before it
+                images = tuple(image for span, image in zip(spans, job.request.images) if span[0] >= read)
+                job.row = self.engine.add(replace(job.request, prompt=job.request.prompt[read:], images=images), conv)
             except ValueError as e:
                 if kept is not None:  # kept again, rolled back (which loses nothing)
                     dropped = self.conversations.keep(kept)
