@@ -37,8 +37,12 @@ def main():
         tic = time.perf_counter()
         mx.eval(tower(images))
         tower_time.append(time.perf_counter() - tic)
-    parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": "Describe the picture."}]
+    question = "Describe the picture."
+    parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
     prompt = render(pair, [{"role": "user", "content": parts}])
+    image_text = pair.tokenizer.convert_ids_to_tokens(pair.target.vision.image_token)
+    if prompt.count(image_text) != len(images):  # a template without image parts: the raw question
+        prompt = question  # (the images go after BOS)
     print(f"images: {', '.join(args.image)}; soft tokens {[i.soft_tokens for i in images]}; "
           f"vision tower {min(tower_time) * 1e3:.1f} ms")
     outputs = {}
