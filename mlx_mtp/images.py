@@ -21,7 +21,10 @@ EXTRA = 'pip install "mlx-mtp[vision]"'
 MAX_IMAGE_BYTES = 20 << 20  # an image file or data URL's bytes
 MAX_IMAGE_PIXELS = 50_000_000  # decoded width x height (Pillow's own bomb check is 89M)
 MAX_IMAGES = 16  # per request
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP")  # (MPO: a phone camera's JPEG)
+# Images decoded and resized at once, per process: a 50M-pixel image takes about 0.5 GB while
+# it is, and a server prepares each request's images on a thread of its own.
+PREPARING = threading.BoundedSemaphore(2)
 DEFAULT_SOFT_TOKENS = 280  # transformers' Gemma4ImageProcessor default, as published
 
 
@@ -66,7 +69,8 @@ class Vision:
     def of(cls, path: Path, config: dict) -> Optional["Vision"]:
         """From a checkpoint's config (None: no vision tower)."""
         vision = config.get("vision_config")
-        if not vision or config.get("image_token_id") is None:
+        tokens = [config.get(k) for k in ("image_token_id", "boi_token_id", "eoi_token_id")]
+        if not vision or None in tokens:
             return None
         text = config.get("text_config") or {}
         soft = DEFAULT_SOFT_TOKENS
@@ -78,7 +82,7 @@ class Vision:
             data = data.get("image_processor", data)
             soft = data.get("max_soft_tokens", soft) if isinstance(data, dict) else soft
             break
-        return cls(path, vision, config["image_token_id"], config["boi_token_id"], config["eoi_token_id"],
+        return cls(path, vision, *tokens,
                    text.get("pad_token_id", config.get("pad_token_id", 0)), int(soft),
                    text.get("use_bidirectional_attention") == "vision")
 
@@ -94,15 +98,16 @@ class Vision:
     def prepare(self, source: Union[str, Path, bytes]) -> Image:
         """An image from a path or its bytes, checked and resized as the tower wants it."""
         data = read_bytes(source)
-        picture = decode(data)
         processing = _need("mlx_vlm.models.gemma4.processing_gemma4")
         processor = processing.Gemma4ImageProcessor(
             patch_size=self.config.get("patch_size", 16), max_soft_tokens=self.soft_tokens,
             pooling_kernel_size=self.config.get("pooling_kernel_size", 3))
-        try:
-            out, soft = processor.preprocess([picture])
-        except ValueError as e:
-            raise ImageError(f"cannot resize this image ({e})") from None
+        with PREPARING:
+            picture = decode(data)
+            try:
+                out, soft = processor.preprocess([picture])
+            except ValueError as e:
+                raise ImageError(f"cannot resize this image ({e})") from None
         pixels = out["pixel_values"]
         pixels = pixels[0] if isinstance(pixels, list) else pixels[0]
         return Image(np.asarray(pixels, np.float32), int(soft[0]), hashlib.sha256(data).hexdigest())
@@ -126,14 +131,14 @@ def read_bytes(source: Union[str, Path, bytes]) -> bytes:
     else:
         path = Path(source).expanduser()
         try:
+            if not path.is_file():  # (nor a directory, a FIFO or a device: reading one may never end)
+                raise ImageError(f"cannot read {source}: {'not a file' if path.exists() else 'no such file'}")
             size = path.stat().st_size
             if size > MAX_IMAGE_BYTES:
-                raise ImageError(f"{path}: {size} bytes, over the {MAX_IMAGE_BYTES} bytes an image may have")
+                raise ImageError(f"{source}: {size} bytes, over the {MAX_IMAGE_BYTES} bytes an image may have")
             data = path.read_bytes()
-        except IsADirectoryError:
-            raise ImageError(f"{path} is a directory, not an image") from None
         except OSError as e:
-            raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
+            raise ImageError(f"cannot read {source}: {e.strerror or e}") from None
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"the image has {len(data)} bytes, over the {MAX_IMAGE_BYTES} an image may have")
     if not data:
@@ -145,6 +150,8 @@ def decode(data: bytes):
     """A decoded RGB Pillow image; one-line errors for what is not a whole image of a
     supported format, or too many pixels."""
     PIL = _need("PIL.Image")
+    from PIL import ImageOps
+
     try:
         picture = PIL.open(io.BytesIO(data))
         if picture.format not in FORMATS:
@@ -153,12 +160,15 @@ def decode(data: bytes):
         if width * height > MAX_IMAGE_PIXELS:
             raise ImageError(f"the image is {width} x {height} pixels, over the {MAX_IMAGE_PIXELS} allowed")
         picture.load()
+        picture = ImageOps.exif_transpose(picture)  # a photo as it is shown (as transformers loads it)
     except ImageError:
         raise
     except PIL.UnidentifiedImageError:
         raise ImageError("not an image (or a format Pillow cannot read)") from None
     except (OSError, ValueError, SyntaxError, PIL.DecompressionBombError) as e:
         raise ImageError(f"a corrupt or truncated image ({' '.join(str(e).split())})") from None
+    if picture.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: Pillow's RGB would clip it to white
+        picture = PIL.fromarray((np.asarray(picture, np.float64) / 257).clip(0, 255).astype(np.uint8), "L")
     return picture.convert("RGB")
 
 

@@ -6,6 +6,7 @@ import base64
 import functools
 import http.server
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -190,6 +191,7 @@ def image_server(tmp_path_factory):
 
 def test_the_server_answers_image_parts_as_generate_does(image_server):
     pair = pair_of(image_server.model)
+    assert "images: on (up to 70 soft tokens each)" in image_server.log()  # the tower loaded at start
     reply = ask(image_server, IMAGES / "square.png")
     assert reply.choices[0].message.content == expected_reply(pair, IMAGES / "square.png")
     # a file under --image-dir, by path or file:// URL
@@ -374,3 +376,52 @@ def test_a_checkpoint_whose_config_has_a_tower_but_not_its_weights(tmp_path):
     assert mlx_mtp.generate(pair, [BOS, 20, 21], max_tokens=4).finish_reason == "length"  # text still works
     with pytest.raises(ValueError, match="the config has a vision tower but the weights have none"):
         mlx_mtp.generate(pair, PROMPT, images=FILES)
+
+
+def test_soft_tokens_without_their_image_are_refused(tmp_path):
+    """(Else a kept conversation read from literal soft tokens could stand in for an image.)"""
+    pair = pair_of(multimodal(tmp_path))
+    with pytest.raises(ImageError, match=r"image soft tokens \(\[64\]\) do not match its images \(\[\]\)"):
+        mlx_mtp.generate(pair, [BOS, BOI] + [IMAGE] * 64 + [EOI, 20], max_tokens=2)
+
+
+def test_photos_as_they_are_shown(tmp_path):
+    """EXIF orientation applied (as transformers loads images); 16-bit grey not clipped to white."""
+    pair = pair_of(multimodal(tmp_path))
+    picture = PILImage.open(IMAGES / "wide.png")
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to show
+    picture.save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    shown = PILImage.open(tmp_path / "photo.jpg").transpose(PILImage.Transpose.ROTATE_270)
+    shown.save(tmp_path / "shown.png")
+    photo, expected = mlx_mtp.prepare_images(pair, [tmp_path / "photo.jpg", tmp_path / "shown.png"])
+    assert photo.pixels.shape == expected.pixels.shape and np.array_equal(photo.pixels, expected.pixels)
+    grey = (np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 20).astype(np.uint16)
+    PILImage.fromarray(grey).save(tmp_path / "grey16.png")
+    (image,) = mlx_mtp.prepare_images(pair, [tmp_path / "grey16.png"])
+    assert abs(image.pixels.mean() - grey.mean() / 65535) < 0.01
+
+
+def test_image_urls_as_clients_write_them(image_server, tmp_path):
+    square = ask(image_server, IMAGES / "square.png").choices[0].message.content
+    encoded = base64.encodebytes((IMAGES / "square.png").read_bytes()).decode().rstrip("=\n")  # wrapped, unpadded
+    assert ask(image_server, "DATA:image/png;BASE64," + encoded).choices[0].message.content == square
+    (image_server.tmp / "served" / "a dir").mkdir(exist_ok=True)
+    shutil.copy(IMAGES / "square.png", image_server.tmp / "served" / "a dir" / "sq.png")
+    url = f"file://localhost{image_server.tmp / 'served'}/a%20dir/sq.png"
+    assert ask(image_server, url).choices[0].message.content == square
+    fifo = image_server.tmp / "served" / "fifo.png"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    too_many = [{"type": "image_url", "image_url": {"url": "x"}}] * (MAX_IMAGES + 1)
+    for content, message in [
+        ([{"type": "image_url", "image_url": {"url": "fifo.png"}}], "cannot read fifo.png: not a file"),
+        ([{"type": "image_url", "image_url": {"url": "nothere.png"}}], "cannot read nothere.png: no such file"),
+        ([{"type": "image_url", "image_url": {"url": "x" * 5000}}], "must be a data URL, an http(s) URL or a file"),
+        ([{"type": "image_url", "image_url": {"url": "file://elsewhere/x.png"}}], "must name a local file"),
+        (too_many, f"{MAX_IMAGES + 1} images, over the {MAX_IMAGES}"),
+    ]:
+        r = image_server.post("/v1/chat/completions", {"model": image_server.model, "max_tokens": 2,
+                                                       "messages": [{"role": "user", "content": content}]})
+        error = r.json()["error"]["message"]
+        assert r.status_code == 400 and message in error and str(image_server.tmp) not in error, error

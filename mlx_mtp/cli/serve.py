@@ -64,6 +64,14 @@ def serve(
     pair = pair_from_flags(model, target, drafter, verbose)
     measure_costs_once(pair)  # (not at the first request)
     name = pair.name or target
+    vision = pair.target.vision
+    if vision is not None:
+        # The tower (and mlx-vlm) now, on this thread, not in the thread that parses the first image.
+        try:
+            vision.tower(pair.target.hidden_size, pair.target.dtype)
+            status(f"images: on (up to {vision.soft_tokens} soft tokens each)")
+        except ValueError as e:
+            status(f"images: off ({e})")
     ready = lambda: status(f"serving {name} at http://{host}:{port}/v1 (max batch {max_batch}); Ctrl-C stops")
     settings = Settings(max_batch, max_queue, k, cache_mb * 1024 * 1024, prefill_step_size, max_tokens_cap, api_key,
                         None if image_dir is None else str(image_dir), allow_remote_images)

@@ -95,10 +95,12 @@ class Engine:
         conversation, if any). Checks what only the loaded pair knows: the ids against the
         vocabulary, the positions against the context."""
         check_vocabulary(request.prompt, self.pair.target.vocab_size)
-        if request.images:
+        vision = self.pair.target.vision
+        if request.images or (vision is not None and vision.image_token in request.prompt):
+            # (soft tokens without their image: transformers refuses them too)
             if self.pair.target.pipeline is not None:
                 raise ValueError("images are not available when the target is split over ranks")
-            check_placed(request.prompt, request.images, self.pair.target.vision)
+            check_placed(request.prompt, request.images, vision)
             self.pair.target.vision.tower(self.pair.target.hidden_size, self.pair.target.dtype)  # loaded now: errors are the request's
         if request.logprobs is not None and self.pair.target.pipeline is not None:
             raise ValueError("logprobs are not available when the target is split over ranks")

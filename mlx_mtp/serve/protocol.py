@@ -6,7 +6,10 @@ import binascii
 import json
 import math
 import re
+import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +21,14 @@ from ..checkpoints.pair import Pair
 from ..conversation import render
 from ..decoding.grammar import check_grammar, grammar_tokenizer, json_grammar
 from ..decoding.sampling import SamplingParams
-from ..images import MAX_IMAGE_BYTES, Image, read_bytes
+from ..images import MAX_IMAGE_BYTES, MAX_IMAGES, Image, read_bytes
 from ..models.cache import MAX_DRAFT_TOKENS
 from ..tools import call_format, call_grammar
 from ..request import MAX_TOP_LOGPROBS, GenerationRequest, check_vocabulary, encode
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # (an image as a data URL is 4/3 of its bytes)
 MAX_TOKENS_CAP = 8192  # the default bound on one reply, when the context is longer
+MAX_MESSAGE = 500  # characters of an error message
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class BadRequest(ValueError):
     """A request the server refuses: OpenAI's error body with an HTTP status."""
 
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400, kind="invalid_request_error"):
+        if len(message) > MAX_MESSAGE:  # (it may quote what the client sent: a whole data URL, say)
+            message = message[: MAX_MESSAGE - 3] + "..."
         super().__init__(message)
         self.param, self.status, self.kind = param, status, kind
 
@@ -352,6 +358,10 @@ def chat_prompt(pair: Pair, body: dict, tools: Optional[List[dict]] = None,
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
+    asked = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+    if asked > MAX_IMAGES:  # (before any is decoded: all of them, also those a kept conversation has)
+        raise BadRequest(f"{asked} images, over the {MAX_IMAGES} a request may have", "messages")
     clean, calls, images = [], {}, []  # calls: tool call id -> the function's name
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -419,25 +429,38 @@ def image_of(part, pair: Pair, settings: Settings) -> Image:
         raise BadRequest(f"{pair.name or 'this model'} has no vision tower: it reads no images", "messages")
     if len(url) > 2 * MAX_IMAGE_BYTES:
         raise BadRequest(f"the image URL is over {2 * MAX_IMAGE_BYTES} characters", "messages")
+    scheme = url[:8].lower()
     try:
-        if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if not header.endswith(";base64"):
-                raise BadRequest("a data URL image must be base64 (data:image/png;base64,...)", "messages")
-            try:
-                data = base64.b64decode(payload, validate=True)
-            except binascii.Error:
-                raise BadRequest("the data URL's base64 is not valid", "messages") from None
-        elif url.startswith(("http://", "https://")):
+        if scheme.startswith("data:"):
+            data = data_url_bytes(url)
+        elif scheme.startswith(("http://", "https://")):
             if not settings.remote_images:
                 raise BadRequest("this server fetches no image URLs (start it with --allow-remote-images): "
                                  "send the image as a data URL", "messages")
             data = fetch_image(url)
         else:
-            data = read_bytes(local_image(url, settings))
+            path = local_image(url, settings)
+            try:
+                data = read_bytes(path)
+            except ValueError as e:  # named as the client named it, not by the server's directory
+                raise BadRequest(str(e).replace(str(path), url), "messages") from None
         return pair.target.vision.prepare(data)
-    except ValueError as e:  # ImageError
+    except ValueError as e:  # ImageError (whose text names the file as the client did)
         raise BadRequest(str(e), "messages") from None
+
+
+def data_url_bytes(url: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise BadRequest("a data URL image must be base64 (data:image/png;base64,...)", "messages")
+    payload = "".join(payload.split())  # (line-wrapped base64)
+    try:
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except binascii.Error:
+        raise BadRequest("the data URL's base64 is not valid", "messages") from None
+
+
+MAX_PATH = 1024  # characters of an image file's name in a request
 
 
 def local_image(url: str, settings: Settings) -> Path:
@@ -445,23 +468,57 @@ def local_image(url: str, settings: Settings) -> Path:
     if settings.image_dir is None:
         raise BadRequest("this server reads no image files (start it with --image-dir DIR): "
                          "send the image as a data URL", "messages")
-    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    if len(url) > MAX_PATH or "\0" in url:
+        raise BadRequest("an image_url must be a data URL, an http(s) URL or a file name", "messages")
+    name = url
+    if url[:7].lower() == "file://":
+        parsed = urllib.parse.urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise BadRequest("a file:// image URL must name a local file", "messages")
+        name = urllib.parse.unquote(parsed.path)
     root = Path(settings.image_dir).resolve()
-    path = (root / path).resolve()
+    path = (root / name).resolve()
     if root != path and root not in path.parents:
         raise BadRequest("image files must lie under the server's --image-dir", "messages")
     return path
 
 
+# Remote images fetched at once: each may take up to FETCH_SECONDS, on the server's threads.
+FETCHING = threading.BoundedSemaphore(4)
+FETCH_SECONDS = 10
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise urllib.error.URLError("redirected to a URL that is not http(s)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def fetch_image(url: str) -> bytes:
+    """At most MAX_IMAGE_BYTES, within FETCH_SECONDS in all (not per read)."""
+    if not FETCHING.acquire(timeout=FETCH_SECONDS):
+        raise BadRequest("too many image URLs are being fetched: retry later", "messages", status=429,
+                         kind="rate_limit_error")
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            data = response.read(MAX_IMAGE_BYTES + 1)
+        deadline = time.monotonic() + FETCH_SECONDS
+        opener = urllib.request.build_opener(_HttpOnlyRedirects)
+        data = bytearray()
+        with opener.open(url, timeout=FETCH_SECONDS) as response:
+            while len(data) <= MAX_IMAGE_BYTES:
+                if time.monotonic() > deadline:
+                    raise BadRequest(f"the image took over {FETCH_SECONDS} s to fetch", "messages")
+                chunk = response.read1(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
     except (OSError, ValueError) as e:
         raise BadRequest(f"cannot fetch the image: {' '.join(str(e).split())}", "messages") from None
+    finally:
+        FETCHING.release()
     if len(data) > MAX_IMAGE_BYTES:
         raise BadRequest(f"the image at that URL is over {MAX_IMAGE_BYTES} bytes", "messages")
-    return data
+    return bytes(data)
 
 
 def tool_calls_of(m: dict, calls: dict) -> List[dict]:

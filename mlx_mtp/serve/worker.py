@@ -107,8 +107,8 @@ class Conversations:
         best, best_len = None, 0
         for key, conv in self.kept.items():
             n = common_prefix_len(conv.tokens, ids)
-            # Up to the first image it has that these ids do not have at the same place.
-            n = min([n] + [span[0] for span in conv.images if span[0] < n and span not in images])
+            # Up to the first image one of the two has and the other has not, at the same place.
+            n = min([n] + [span[0] for span in set(conv.images) ^ set(images) if span[0] < n])
             if n > best_len:
                 best, best_len = key, n
         if best is None:
