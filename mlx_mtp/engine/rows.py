@@ -9,7 +9,7 @@ import numpy as np
 
 from ..decoding.round import as_lists, scored
 from ..decoding.sampling import token_logprobs
-from ..images import soft_runs
+from ..images import image_spans
 from ..models.target import ChunkImages
 from ..request import GenerationRequest, RowText
 from .stats import Stats
@@ -78,13 +78,12 @@ class PromptImages:
 
     def __init__(self, prompt: List[int], images, target):
         vision = target.vision
-        self.runs = soft_runs(prompt, vision.image_token)  # [(start, length)] per image
-        self.digests = [image.digest for image in images]
+        self.spans = image_spans(prompt, images, vision)  # [(start, length, digest)] per image
         self.pad = vision.pad_token
         self.features = mx.concatenate(vision.tower(target.hidden_size, target.dtype)(images))  # [N, H]
         at = np.zeros(len(prompt), bool)
         blocks = np.full(len(prompt), -1, np.int32)
-        for b, (start, length) in enumerate(self.runs):
+        for b, (start, length, _) in enumerate(self.spans):
             at[start : start + length] = True
             blocks[start : start + length] = b
         self.at, self.index = at, np.maximum(np.cumsum(at) - 1, 0)  # soft token -> its embedding
@@ -94,7 +93,7 @@ class PromptImages:
         """n, or more so that the chunk from `start` ends no image part-way (an image's
         soft tokens may attend to each other both ways)."""
         end = start + n
-        for first, length in self.runs:
+        for first, length, _ in self.spans:
             if first < end < first + length:
                 return first + length - start
         return n
@@ -112,10 +111,9 @@ class PromptImages:
         at = mx.array(at)
         return mx.where(at, self.pad, tokens), ChunkImages(at, embeddings, blocks)
 
-    def spans(self, offset: int) -> Tuple[Tuple[int, int, str], ...]:
-        """Per image: (position of its first soft token, their number, digest) in a
-        conversation where the prompt starts at `offset`."""
-        return tuple((offset + start, length, d) for (start, length), d in zip(self.runs, self.digests))
+    def spans_at(self, offset: int) -> Tuple[Tuple[int, int, str], ...]:
+        """The spans in a conversation where the prompt starts at `offset`."""
+        return tuple((offset + start, length, d) for start, length, d in self.spans)
 
 
 class Row:

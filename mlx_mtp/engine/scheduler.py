@@ -241,7 +241,7 @@ class Engine:
         for reading, ids, group_scores in zip(readings, tokens, map(as_lists, scores)):
             for i, (row, token) in enumerate(zip(reading.rows, ids.tolist())):
                 if row.images is not None:
-                    row.image_spans += row.images.spans(len(row.tokens))
+                    row.image_spans += row.images.spans_at(len(row.tokens))
                 row.tokens += row.prompt
                 row.started = time.perf_counter()
                 row.stats.prompt_time += row.started
