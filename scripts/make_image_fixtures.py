@@ -13,11 +13,14 @@ touched):
     square.png            48 x 48: resized (bicubic) to 96 x 96, 64 soft tokens
     wide.png              40 x 64: resized to 72 x 120, 60 soft tokens
     processor_config.json Gemma4ImageProcessor settings for target_mm (max_soft_tokens 70)
+    target_mm_e2b/        Gemma4ForConditionalGeneration with target_e2b's language model
+                          (per-layer inputs, KV-shared layers) and target_mm's vision tower
     reference.npz         per variant ("causal": target_mm as written; "vision": the same
                           weights with text_config.use_bidirectional_attention = "vision", as
                           Gemma 4 26B and 31B, whose sliding layers attend both ways within an
-                          image): the prompt's ids, the logits after its last id, and 24
-                          greedy ids (`generate`)
+                          image; "e2b": target_mm_e2b, where E2B's per-layer inputs read the pad
+                          id at soft tokens): the prompt's ids, the logits after its last id,
+                          and 24 greedy ids (`generate`)
 """
 
 import json
@@ -28,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Gemma4ForConditionalGeneration
+from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = REPO / "tests" / "fixtures" / "target_mm"
+E2B = REPO / "tests" / "fixtures" / "target_e2b"
 OUT = REPO / "tests" / "fixtures" / "images"
 SOFT_TOKENS = 70  # the smallest budget transformers allows (70, 140, 280, 560, 1120)
 MAX_NEW = 24
@@ -46,6 +50,24 @@ def picture(height: int, width: int, seed: int) -> Image.Image:
     rgb = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
     rgb = rgb + rng.normal(0, 20, rgb.shape)
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def write_e2b():
+    """target_e2b's language model under target_mm's vision tower, saved as transformers saves it."""
+    mm = Gemma4ForConditionalGeneration.from_pretrained(str(TARGET)).eval()
+    text = Gemma4ForCausalLM.from_pretrained(str(E2B)).eval()
+    config = Gemma4Config(text_config=text.config, vision_config=mm.config.vision_config, audio_config=None,
+                          **{k: getattr(mm.config, k) for k in ("boi_token_id", "eoi_token_id", "image_token_id",
+                                                                "video_token_id", "boa_token_id", "eoa_token_index",
+                                                                "audio_token_id", "tie_word_embeddings")},
+                          eos_token_id=1, bos_token_id=2, pad_token_id=0)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    model.model.language_model.load_state_dict(text.model.state_dict(), strict=True)
+    model.model.vision_tower.load_state_dict(mm.model.vision_tower.state_dict(), strict=True)
+    model.model.embed_vision.load_state_dict(mm.model.embed_vision.state_dict(), strict=True)
+    model.save_pretrained(str(OUT / "target_mm_e2b"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(E2B / name, OUT / "target_mm_e2b" / name)
 
 
 def main():
@@ -73,9 +95,10 @@ def main():
     input_ids = torch.tensor([ids])
     out = {"soft_tokens": np.array(soft), "prompt": np.array(ids)}
 
-    for variant in ("causal", "vision"):
+    write_e2b()
+    for variant in ("causal", "vision", "e2b"):
         with tempfile.TemporaryDirectory() as tmp:
-            shutil.copytree(TARGET, tmp, dirs_exist_ok=True)
+            shutil.copytree(OUT / "target_mm_e2b" if variant == "e2b" else TARGET, tmp, dirs_exist_ok=True)
             config = json.loads((Path(tmp) / "config.json").read_text())
             if variant == "vision":
                 config["text_config"]["use_bidirectional_attention"] = "vision"

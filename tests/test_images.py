@@ -40,9 +40,11 @@ TEMPLATE = (
 )
 
 
-def multimodal(tmp_path, variant="causal", source=FIXTURES / "target_mm"):
+def multimodal(tmp_path, variant="causal", source=None):
     """A copy of a multimodal fixture with the image settings the references used, a chat
-    template that takes images, and for "vision" bidirectional attention within images."""
+    template that takes images, and for "vision" bidirectional attention within images
+    ("e2b": E2B's language model, with per-layer inputs and KV-shared layers)."""
+    source = source or (IMAGES / "target_mm_e2b" if variant == "e2b" else FIXTURES / "target_mm")
     path = tmp_path / f"{source.name}_{variant}"
     shutil.copytree(source, path)
     shutil.copy(IMAGES / "processor_config.json", path)
@@ -84,12 +86,17 @@ def log_softmax(x):
     return x - np.log(np.exp(x).sum())
 
 
-@pytest.mark.parametrize("variant", ["causal", "vision"])
+VARIANTS = ["causal", "vision", "e2b"]
+DRAFTERS = {"causal": DRAFTER, "vision": DRAFTER, "e2b": FIXTURES / "drafter_sparse"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("step", [2048, 5])
 def test_the_target_reads_images_as_transformers_does(tmp_path, variant, step):
     """Both Gemma 4 attention layouts (causal; sliding layers both ways within an image),
-    the prompt read whole and in chunks of 5 ids (which would split each image)."""
-    pair = pair_of(multimodal(tmp_path, variant))
+    E2B's per-layer inputs, the prompt read whole and in chunks of 5 ids (which would split
+    each image)."""
+    pair = pair_of(multimodal(tmp_path, variant), DRAFTERS[variant])
     request = GenerationRequest(max_tokens=24, logprobs=20, draft_tokens=0)
     chunks = list(mlx_mtp.stream_generate(pair, PROMPT, images=FILES, request=request, prefill_step_size=step))
     assert chunks[0].logprobs is not None
@@ -100,9 +107,9 @@ def test_the_target_reads_images_as_transformers_does(tmp_path, variant, step):
     assert sum((c.tokens for c in chunks), []) == REF[f"{variant}_greedy"].tolist()
 
 
-@pytest.mark.parametrize("variant", ["causal", "vision"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_with_the_drafter_equals_the_target_alone(tmp_path, variant):
-    pair = pair_of(multimodal(tmp_path, variant))
+    pair = pair_of(multimodal(tmp_path, variant), DRAFTERS[variant])
     expected = REF[f"{variant}_greedy"].tolist()
     for k in (None, 1, 4):
         out = mlx_mtp.generate(pair, PROMPT, images=FILES, max_tokens=24, num_draft_tokens=k, prefill_step_size=7)
