@@ -284,6 +284,7 @@ def test_generate_and_chat_take_images(tmp_path):
     chat = run_cli("chat", "--target", path, "--drafter", DRAFTER, "--max-tokens", 12,
                    stdin=f"/image {tmp_path / 'missing.png'}\n/image {IMAGES / 'square.png'}\nwhat is it?\n")
     assert chat.returncode == 0, chat.stderr
+    assert "/image PATH  /reset" in chat.stdout  # the banner offers it to a target with a tower
     assert "cannot read" in chat.stdout and "goes with your next message" in chat.stdout
     assert expected.text in chat.stdout
 

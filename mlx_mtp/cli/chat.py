@@ -15,7 +15,7 @@ from ..conversation import Conversation, render
 from ..engine.stats import Stats
 from ..request import ThoughtText
 from . import app, fail, one_line_errors, options
-from .display import COMMANDS, banner, details, summary_line
+from .display import banner, commands, details, summary_line
 
 
 @contextmanager
@@ -133,7 +133,7 @@ def chat(
             except ValueError as e:
                 console.print(f"error: {e}", style="red", markup=False)
         elif command.startswith("/"):
-            console.print(f"unknown command {command}; commands: {COMMANDS}", style="dim", markup=False)
+            console.print(f"unknown command {command}; commands: {commands(pair)}", style="dim", markup=False)
         elif line.strip():
             try:
                 stream_reply(conversation, line, console, verbose, images=images, **kwargs)

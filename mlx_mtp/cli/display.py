@@ -9,7 +9,8 @@ from ..checkpoints.registry import DIALOGUE
 from ..engine.stats import Stats
 from . import RANK
 
-COMMANDS = "/reset  /stats  /system TEXT  /image PATH  /exit"
+COMMANDS = "/reset  /stats  /system TEXT  /exit"
+IMAGE_COMMAND = "/image PATH  "  # for a target with a vision tower
 
 
 def status(message: str):
@@ -46,6 +47,10 @@ def sources(by_source: dict) -> str:
     return ", ".join(f"{s} {e['acceptance']:.2f} ({e['rounds']} rounds)" for s, e in by_source.items())
 
 
+def commands(pair: Pair) -> str:
+    return (IMAGE_COMMAND if pair.target.vision is not None else "") + COMMANDS
+
+
 def banner(pair: Pair, target: Optional[str]) -> List[str]:
     """What this model is, how it is asked (base models: see conversation.py), and the commands."""
     name = pair.name or target
@@ -55,7 +60,7 @@ def banner(pair: Pair, target: Optional[str]) -> List[str]:
             "a base model, not instruction-tuned: it continues a plain-text dialogue (short, often wrong "
             "answers); for a real assistant run `mlx-mtp chat -m gemma-4-e2b` on a Mac"
         )
-    lines.append(f"{COMMANDS}; Ctrl-C stops a reply, Ctrl-D exits")
+    lines.append(f"{commands(pair)}; Ctrl-C stops a reply, Ctrl-D exits")
     return lines
 
 
