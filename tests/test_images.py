@@ -433,3 +433,20 @@ def test_image_urls_as_clients_write_them(image_server, tmp_path):
                                                        "messages": [{"role": "user", "content": content}]})
         error = r.json()["error"]["message"]
         assert r.status_code == 400 and message in error and str(image_server.tmp) not in error, error
+
+
+def test_the_embeddings_of_an_image_read_again_are_kept(tmp_path, monkeypatch):
+    import mlx_mtp.models.vision as vision
+
+    monkeypatch.setattr(vision, "FEATURES_KEPT", 2)
+    pair = mlx_mtp.load(str(multimodal(tmp_path)))  # a tower of its own
+    square, wide, other = mlx_mtp.prepare_images(pair, FILES + [other_square(tmp_path)])
+    tower = pair.target.vision.tower(64, mx.float32)
+    first = tower([square])[0]
+    assert tower([square])[0] is first  # kept, not computed again
+    tower([wide, other])  # past FEATURES_KEPT: the least recently used goes
+    assert list(tower.kept) == [wide.digest, other.digest]
+    again = tower([square])[0]
+    assert again is not first and np.array_equal(np.array(again), np.array(first))
+    out = mlx_mtp.generate(pair, PROMPT, images=[square, wide], max_tokens=24, num_draft_tokens=0)
+    assert out.tokens == REF["causal_greedy"].tolist()  # read from kept embeddings

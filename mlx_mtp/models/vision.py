@@ -8,6 +8,7 @@ would have been scaled by sqrt(hidden): see `Target.hidden`.
 """
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import List
 
@@ -17,6 +18,7 @@ import mlx.nn as nn
 from ..images import EXTRA, ImageError, Image
 
 PREFIXES = ("vision_tower.", "embed_vision.")  # after an optional "model."
+FEATURES_KEPT = 16  # images whose embeddings are kept
 
 
 def _weights(path: Path) -> dict:
@@ -72,15 +74,26 @@ class VisionTower(nn.Module):
         # its output is cast to the target's dtype where it joins the prompt.
         mx.eval(tower.parameters())
         tower.dtype = dtype
+        tower.kept = OrderedDict()  # digest -> embeddings
         return tower
 
     def __call__(self, images: List[Image]) -> List[mx.array]:
-        """Per image, [soft tokens, text hidden] embeddings in the target's dtype."""
+        """Per image, [soft tokens, text hidden] embeddings in the target's dtype; those of
+        the last FEATURES_KEPT images (by the digest of their bytes) are kept, for an image
+        read again: the n choices of one request, a conversation read anew."""
         out = []
         for image in images:
-            features = self.vision_tower(mx.array(image.pixels)[None])  # [1, 3, H, W] -> [1, n, D]
-            features = self.embed_vision(features)[0]  # [n, hidden]
-            if features.shape[0] != image.soft_tokens:
-                raise ImageError(f"the vision tower gave {features.shape[0]} embeddings for {image.soft_tokens} soft tokens")
-            out.append(features.astype(self.dtype))
+            features = self.kept.get(image.digest)
+            if features is None:
+                features = self.vision_tower(mx.array(image.pixels)[None])  # [1, 3, H, W] -> [1, n, D]
+                features = self.embed_vision(features)[0].astype(self.dtype)  # [n, hidden]
+                if features.shape[0] != image.soft_tokens:
+                    raise ImageError(f"the vision tower gave {features.shape[0]} embeddings for "
+                                     f"{image.soft_tokens} soft tokens")
+                mx.eval(features)
+                self.kept[image.digest] = features
+                while len(self.kept) > FEATURES_KEPT:
+                    self.kept.popitem(last=False)
+            self.kept.move_to_end(image.digest)
+            out.append(features)
         return out
