@@ -101,7 +101,7 @@ class Engine:
             if self.pair.target.pipeline is not None:
                 raise ValueError("images are not available when the target is split over ranks")
             check_placed(request.prompt, request.images, vision)
-            self.pair.target.vision.tower(self.pair.target.hidden_size, self.pair.target.dtype)  # loaded now: errors are the request's
+            vision.tower(self.pair.target.hidden_size, self.pair.target.dtype)  # loaded now: errors are the request's
         if request.logprobs is not None and self.pair.target.pipeline is not None:
             raise ValueError("logprobs are not available when the target is split over ranks")
         if prompt_cache is not None and prompt_cache.busy:
