@@ -28,8 +28,8 @@ any_object: "{" (any_pair ("," any_pair)*)? "}"
 any_pair: KEY ":" any_value
 any_array: "[" (any_value ("," any_value)*)? "]"
 KEY: /[A-Za-z0-9_]+/
-NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/
-INTEGER: /-?(0|[1-9][0-9]*)/
+NUMBER: /-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,16})?([eE][+-]?[0-9]{1,2})?/
+INTEGER: /-?(0|[1-9][0-9]{0,17})/
 TEXT: /(.|\n)*/ & ~/(.|\n)*<\|"\|>(.|\n)*/
 """
 KEY = re.compile(r"\w+")  # the keys mlx-lm's gemma4 parser reads back
@@ -61,19 +61,85 @@ def call_grammar(tokenizer, tools: Sequence[dict], several: bool) -> str:
                          f"which mlx-mtp has for {', '.join(GRAMMAR_FORMATS)} only")
     start, end = _literal(tokenizer, tokenizer.tool_call_start), _literal(tokenizer, tokenizer.tool_call_end)
     functions = [t["function"] for t in tools]
+    specials = _special_texts(tokenizer)
     for f in functions:
         check_schema_size(f.get("parameters") or {})
+        for text in _constants(f.get("parameters") or {}):
+            token = next((t for t in specials if t in text), None)
+            if token is not None:  # (the model writes the special token, never its text)
+                raise ValueError(f"a required tool call cannot have a constant holding the special token {token!r}")
     top = f"start: call{'+' if several else ''}\n"
     if form == "json_tools":
-        schemas = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                                     "arguments": f.get("parameters") or {"type": "object"}},
-                    "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
-        schema = {"anyOf": schemas, "x-guidance": LAYOUT}
+        definitions, schemas = {}, []
+        for i, f in enumerate(functions):
+            arguments = _closed(_hoist_definitions(f.get("parameters") or {"type": "object"}, f"f{i}_", definitions))
+            schemas.append({"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": arguments},
+                            "required": ["name", "arguments"], "additionalProperties": False})
+        schema = {"anyOf": schemas, "x-guidance": LAYOUT, **({"$defs": definitions} if definitions else {})}
         return top + f'call: {start} "\\n" %json {json.dumps(schema)} "\\n" {end}\n'
     rules = _GemmaRules(_literal(tokenizer, '<|"|>'))
     calls = [f'"call:{f["name"]}" {rules.value(f.get("parameters") or {"type": "object"})}' for f in functions]
     return top + f"call: {start} ({' | '.join(calls)}) {end}\n" + "\n".join(rules.lines) + GEMMA_VALUE \
         + f"string: {rules.quote} TEXT {rules.quote}\n"
+
+
+def _hoist_definitions(schema: dict, prefix: str, definitions: dict) -> dict:
+    """A function's parameters with their `$defs` (or `definitions`) moved to the call
+    schema's root under `prefix`, and their `$ref`s rewritten to match (refs are relative to
+    the root, where the parameters are one branch of several)."""
+    own = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    if not own:
+        return schema
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                for root in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(root):
+                        out["$ref"] = "#/$defs/" + prefix + ref[len(root):]
+            return out
+        return [rewrite(v) for v in node] if isinstance(node, list) else node
+
+    definitions.update({prefix + name: rewrite(d) for name, d in own.items()})
+    return rewrite(schema)
+
+
+def _closed(schema):
+    """Objects with properties take no other keys unless the schema says they may (else a
+    small model goes on adding keys to the reply's end)."""
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
+def _special_texts(tokenizer) -> List[str]:
+    """The texts of the tokenizer's special tokens."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return [t.content for t in added.values() if getattr(t, "special", False) and t.content]
+
+
+def _constants(schema) -> List[str]:
+    """The strings of a schema's `const`s and `enum`s, at any depth."""
+    out = []
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key == "const" and isinstance(value, str):
+                out.append(value)
+            elif key == "enum" and isinstance(value, list):
+                out += [v for v in value if isinstance(v, str)]
+            else:
+                out += _constants(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            out += _constants(value)
+    return out
 
 
 class _GemmaRules:
@@ -84,6 +150,8 @@ class _GemmaRules:
 
     def __init__(self, quote: str):
         self.quote, self.lines = quote, []
+        self.made = {}  # schema (as JSON) -> its rule: a subschema met again is not built again
+
 
     def rule(self, body: str) -> str:
         name = f"r{len(self.lines)}"
@@ -114,6 +182,12 @@ class _GemmaRules:
     def value(self, schema) -> str:
         if not isinstance(schema, dict):
             return "any_value"
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self.made:
+            self.made[key] = self._value(schema)
+        return self.made[key]
+
+    def _value(self, schema: dict) -> str:
         if "const" in schema or "enum" in schema:
             values = [schema["const"]] if "const" in schema else schema["enum"]
             alternatives = [self.constant(v) for v in values if isinstance(values, list)] or [None]
@@ -138,9 +212,11 @@ class _GemmaRules:
             item = self.value(schema.get("items", {}))
             low, high = schema.get("minItems", 0), schema.get("maxItems")
             low = low if isinstance(low, int) and low > 0 else 0
-            high = high if isinstance(high, int) and high >= max(low, 1) else None
-            more = f"{{{max(low - 1, 0)},{'' if high is None else high - 1}}}"  # items after the first
-            items = f"{item} (\",\" {item}){more}"
+            high = high if isinstance(high, int) and high >= low else None
+            if high == 0:
+                return '"[" "]"'
+            more = "" if high == 1 else f" (\",\" {item}){{{max(low - 1, 0)},{'' if high is None else high - 1}}}"
+            items = f"{item}{more}"  # the first item, then those after it
             return self.rule(f'"[" {items if low else f"({items})?"} "]"')
         if kind == "object" and isinstance(schema.get("properties"), dict) and schema["properties"]:
             return self.rule(f'"{{" {self.members(schema)} "}}"')
@@ -208,12 +284,16 @@ class ToolCallText:
         except ValueError:  # (json.JSONDecodeError is one)
             parsed = None
         parsed = parsed if isinstance(parsed, list) else [parsed]
-        if not all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in parsed):
+        try:  # (JSON has no infinities: a number like 1e999 parses to one)
+            found = [(p["name"], p.get("arguments", {}) if isinstance(p.get("arguments", {}), str)
+                      else json.dumps(p.get("arguments", {}), ensure_ascii=False, allow_nan=False)) for p in parsed
+                     if isinstance(p, dict) and isinstance(p.get("name"), str)]
+        except ValueError:
+            found = []
+        if len(found) < len(parsed) or not found:
             content.append(self.markers[0] + text + (self.markers[1] if closed else ""))
             return
-        for p in parsed:
-            arguments = p.get("arguments", {})
+        for name, arguments in found:
             calls.append({"index": self.count, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                          "function": {"name": p["name"], "arguments": arguments if isinstance(arguments, str)
-                                       else json.dumps(arguments, ensure_ascii=False)}})
+                          "function": {"name": name, "arguments": arguments}})
             self.count += 1

@@ -297,6 +297,16 @@ BAD = [
      "needs an 'id' and a 'function'"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": [call()]}]}, "messages", "on an assistant"),
     ({"functions": [{"name": "f"}]}, "functions", "not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools",
+     "JSON schema of an object"),
+    ({"messages": QUESTION + [{"role": "assistant", "content": None, "tool_calls": [call()]},
+                              {"role": "tool", "tool_call_id": ["call_1"], "content": "x"}]}, "messages",
+     "id of a call earlier"),  # (an unhashable id)
+    ({"messages": QUESTION + [{"role": "assistant", "content": None, "tool_calls": [call(arguments='{"a": NaN}')]}]},
+     "messages", "not a JSON object"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"c": {"const": 'say <|"|> here'}}, "required": ["c"]}}}],
+      "tool_choice": "required"}, "tool_choice", "special token"),
 ]
 
 
@@ -324,3 +334,50 @@ def test_a_template_without_tool_calling_refuses_tools_and_tool_messages():
         assert response.status_code == 400 and "fields of chat completions" in response.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def named(parameters: dict) -> list:
+    return [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+
+
+@pytest.mark.parametrize("form", ["gemma4", "json_tools"])
+def test_call_grammars_of_schemas_clients_send(gemma, json_target, form):
+    """maxItems 0 and 1, numbers that parse to finite values, a subschema met under several
+    types built once, $defs (pydantic's nested models), no keys beyond the declared ones."""
+    pair = gemma if form == "gemma4" else mlx_mtp.load(str(json_target), DRAFTER)
+    tokenizer = pair.tokenizer
+    lltokenizer = grammar_tokenizer(tokenizer, pair.target.vocab_size, pair.eos_ids)
+
+    def takes(tools, arguments: dict) -> bool:
+        grammar = call_grammar(tokenizer, tools, several=False)
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        text = render(pair, QUESTION + [{"role": "assistant", "content": "", "tool_calls": [call]}], tools=tools)
+        text = text[text.index(tokenizer.tool_call_start):text.index(tokenizer.tool_call_end)]
+        matcher = llguidance.LLMatcher(lltokenizer, grammar)
+        ids = tokenizer.encode(text + tokenizer.tool_call_end, add_special_tokens=False)
+        return all(matcher.consume_token(t) for t in ids) and matcher.consume_token(max(pair.eos_ids))
+
+    for most in (0, 1):
+        tools = named({"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"},
+                                                               "maxItems": most}}, "required": ["xs"]})
+        assert takes(tools, {"xs": [7] * most}) and not takes(tools, {"xs": [7] * (most + 1)})
+    number = named({"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]})
+    assert takes(number, {"n": 2.5e10}) and takes(number, {"n": -3})
+    if form == "gemma4":  # (llguidance's own JSON numbers in the other format)
+        assert not takes(number, {"n": float("1e300")})  # written 1e+300: past the exponent's two digits
+    deep = {"type": "integer"}
+    for _ in range(10):  # 4^10 copies if each type rebuilt the subschema
+        deep = {"type": ["array", "array", "array", "array"], "items": deep}
+    assert len(call_grammar(tokenizer, named({"type": "object", "properties": {"a": deep}, "required": ["a"]}),
+                            several=False)) < 20000
+    if form == "json_tools":
+        defs = named({"type": "object", "$defs": {"P": {"enum": [7, 8]}}, "properties": {"p": {"$ref": "#/$defs/P"}},
+                      "required": ["p"]})
+        assert takes(defs, {"p": 7}) and not takes(defs, {"p": 9})
+        assert not takes(number, {"n": 1, "extra": 2})  # closed where the schema does not say
+
+
+def test_a_parsed_call_with_an_infinite_number_stays_text(gemma):
+    splitter = ToolCallText(gemma.tokenizer, TOOLS)
+    content, calls = splitter.feed("<|tool_call>call:get_time{zone:1e999}<tool_call|>", final=True)
+    assert calls == [] and "1e999" in content

@@ -250,13 +250,16 @@ def parse_tools(pair: Pair, body: dict) -> Tuple[Optional[List[dict]], Optional[
                 or not TOOL_NAME.fullmatch(function["name"]):
             raise BadRequest("each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}} with a name "
                              "of letters, digits, '_' and '-' (at most 64)", "tools")
-        if not isinstance(function.get("parameters", {}), dict) or not isinstance(function.get("description", ""), str):
-            raise BadRequest(f"tool {function['name']!r}: 'parameters' must be a JSON schema (an object) and "
-                             "'description' a string", "tools")
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict) or parameters.get("type", "object") != "object" \
+                or not isinstance(function.get("description", ""), str):
+            raise BadRequest(f"tool {function['name']!r}: 'parameters' must be a JSON schema of an object "
+                             "(its arguments, by name) and 'description' a string", "tools")
         names.append(function["name"])
     if len(set(names)) < len(names):
         raise BadRequest("two tools have the same name", "tools")
-    several = body.get("parallel_tool_calls", True)
+    several = body.get("parallel_tool_calls")
+    several = True if several is None else several
     if not isinstance(several, bool):
         raise BadRequest("'parallel_tool_calls' must be true or false", "parallel_tool_calls")
     if choice == "none":  # (the template is not shown them)
@@ -373,7 +376,7 @@ def chat_prompt(pair: Pair, body: dict, tools: Optional[List[dict]] = None,
         if m.get("tool_calls") is not None:
             message["tool_calls"] = tool_calls_of(m, calls)
         if m["role"] == "tool":
-            if m.get("tool_call_id") not in calls:
+            if not isinstance(m.get("tool_call_id"), str) or m["tool_call_id"] not in calls:
                 raise BadRequest("a tool message's 'tool_call_id' must be the id of a call earlier in 'messages'",
                                  "messages")
             message.update(tool_call_id=m["tool_call_id"], name=calls[m["tool_call_id"]])
@@ -521,6 +524,10 @@ def fetch_image(url: str) -> bytes:
     return bytes(data)
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def tool_calls_of(m: dict, calls: dict) -> List[dict]:
     """An assistant message's tool calls as templates read them (arguments as an object),
     their ids noted in `calls` for the tool results that follow."""
@@ -534,7 +541,7 @@ def tool_calls_of(m: dict, calls: dict) -> List[dict]:
             raise BadRequest("each tool call needs an 'id' and a 'function' with a 'name' and its 'arguments' "
                              "(a JSON string)", "messages")
         try:
-            arguments = json.loads(function["arguments"])
+            arguments = json.loads(function["arguments"], parse_constant=_no_constant)
         except (ValueError, RecursionError):
             arguments = None
         if not isinstance(arguments, dict):
