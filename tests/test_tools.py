@@ -307,6 +307,9 @@ BAD = [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"c": {"const": 'say <|"|> here'}}, "required": ["c"]}}}],
       "tool_choice": "required"}, "tool_choice", "special token"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", "minLength": 100000}}, "required": ["s"]}}}],
+      "tool_choice": "required"}, "tool_choice", "cannot be compiled"),  # (only the matcher finds it)
 ]
 
 

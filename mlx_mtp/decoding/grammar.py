@@ -97,7 +97,11 @@ def grammar_tokenizer(tokenizer, vocab_size: int, eos_ids: Sequence[int]):
 
 def check_grammar(grammar: str, tokenizer) -> None:
     """A ValueError that says why, if llguidance cannot run this grammar."""
-    error = llguidance().LLMatcher.validate_grammar(grammar, tokenizer)
+    lib = llguidance()
+    error = lib.LLMatcher.validate_grammar(grammar, tokenizer)
+    if not error:  # (some limits only show when the matcher is built: a lexer too large)
+        matcher = lib.LLMatcher(tokenizer, grammar, log_level=0)
+        error = matcher.get_error() if matcher.is_error() else None
     if error:
         raise ValueError(f"the grammar cannot be compiled: {error.strip().splitlines()[0]}")
 
