@@ -44,17 +44,37 @@ def call_format(tokenizer) -> Optional[str]:
 
 
 def _literal(tokenizer, text: str) -> str:
-    """Lark for `text`: the special token it is, if one, else the string."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == text:
-        return f"<[{ids[0]}]>"
-    return json.dumps(text)
+    """Lark for `text`: its special tokens as such (`<[id]>`), the rest as strings (Gemma 4's
+    thought opens with `<|channel>`, a special token, then the text `thought`)."""
+    specials = set(_special_texts(tokenizer))
+    parts, run = [], []
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        if tokenizer.convert_ids_to_tokens(token) in specials:
+            if run:
+                parts.append(json.dumps(tokenizer.decode(run)))
+            parts.append(f"<[{token}]>")
+            run = []
+        else:
+            run.append(token)
+    if run:
+        parts.append(json.dumps(tokenizer.decode(run)))
+    return " ".join(parts) if parts else json.dumps(text)
 
 
-def call_grammar(tokenizer, tools: Sequence[dict], several: bool) -> str:
+def thought_rule(tokenizer, opened: bool) -> str:
+    """Lark of a thought before the calls, where the template has a thinking channel: its
+    end (the prompt `opened` it), or a whole thought or none (the model may open one)."""
+    start, end = _literal(tokenizer, tokenizer.think_start), _literal(tokenizer, tokenizer.think_end)
+    text = "/(.|\\n)*/ & ~/(.|\\n)*" + re.escape(tokenizer.think_end).replace("/", "\\/") + "(.|\\n)*/"
+    rule = "thought: THOUGHT " + end if opened else f"thought: ({start} THOUGHT {end})?"
+    return f"{rule}\nTHOUGHT: {text}\n"
+
+
+def call_grammar(tokenizer, tools: Sequence[dict], several: bool, thought: Optional[bool] = None) -> str:
     """An llguidance Lark grammar of the reply: a call (`several`: one or more calls) of
     one of `tools` (OpenAI's {"type": "function", "function": {...}}), in the template's
-    format. ValueError: a format without a grammar here, or a schema it cannot express."""
+    format; after a thought if `thought` is not None (see `thought_rule`: True, the prompt
+    opened one). ValueError: a format without a grammar here, or a schema it cannot express."""
     form = call_format(tokenizer)
     if form not in GRAMMAR_FORMATS:
         raise ValueError(f"a required tool call needs a grammar of this model's tool-call format ({form}), "
@@ -68,7 +88,9 @@ def call_grammar(tokenizer, tools: Sequence[dict], several: bool) -> str:
             token = next((t for t in specials if t in text), None)
             if token is not None:  # (the model writes the special token, never its text)
                 raise ValueError(f"a required tool call cannot have a constant holding the special token {token!r}")
-    top = f"start: call{'+' if several else ''}\n"
+    top = f"start: {'thought ' if thought is not None else ''}call{'+' if several else ''}\n"
+    if thought is not None:
+        top += thought_rule(tokenizer, thought)
     if form == "json_tools":
         definitions, schemas = {}, []
         for i, f in enumerate(functions):
@@ -120,9 +142,10 @@ def _closed(schema):
 
 
 def _special_texts(tokenizer) -> List[str]:
-    """The texts of the tokenizer's special tokens."""
+    """The texts of the tokenizer's added tokens, which llguidance reads as special tokens
+    (never as text), whatever their `special` flag."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return [t.content for t in added.values() if getattr(t, "special", False) and t.content]
+    return [t.content for t in added.values() if t.content]
 
 
 def _constants(schema) -> List[str]:

@@ -384,3 +384,57 @@ def test_a_parsed_call_with_an_infinite_number_stays_text(gemma):
     splitter = ToolCallText(gemma.tokenizer, TOOLS)
     content, calls = splitter.feed("<|tool_call>call:get_time{zone:1e999}<tool_call|>", final=True)
     assert calls == [] and "1e999" in content
+
+
+THINK = {"<audio_soft_token>": "<think>", "<video_soft_token>": "</think>"}
+
+
+@pytest.fixture(scope="module")
+def thinking_tools_target(tmp_path_factory):
+    """The JSON tool format with a thinking channel (`<think>` ... `</think>`, opened by the
+    template when `enable_thinking` is set, as in test_thinking)."""
+    template = JSON_TEMPLATE + "{% if add_generation_prompt and enable_thinking %}<think>{% endif %}"
+    path = tool_target(tmp_path_factory, template, THINK, [1, 5])
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    for added in tokenizer["added_tokens"]:
+        if added["content"] in THINK.values():
+            added["special"] = False
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["additional_special_tokens"] = [t for t in config["additional_special_tokens"] if t not in THINK.values()]
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_required_call_may_come_after_a_thought(thinking_tools_target):
+    pair = mlx_mtp.load(str(thinking_tools_target), DRAFTER)
+    tokenizer = pair.tokenizer
+    assert tokenizer.has_thinking and tokenizer.think_start == "<think>"
+    lltokenizer = grammar_tokenizer(tokenizer, pair.target.vocab_size, pair.eos_ids)
+    call_text = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "utc"}}\n</tool_call>'
+
+    def takes(thought, text) -> bool:
+        matcher = llguidance.LLMatcher(lltokenizer, call_grammar(tokenizer, [TIME], False, thought))
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return all(matcher.consume_token(t) for t in ids) and matcher.consume_token(max(pair.eos_ids))
+
+    # the prompt opened a thought: it ends (empty or not), then the call
+    assert takes(True, "so, the zone</think>" + call_text) and takes(True, "</think>" + call_text)
+    assert not takes(True, call_text)
+    # no thought opened: a whole one, or none
+    assert takes(False, call_text) and takes(False, "<think>hmm</think>" + call_text)
+    assert not takes(False, "hmm" + call_text)
+
+    server = Server("--draft-tokens", K, target=thinking_tools_target)
+    try:
+        end = tokenizer.convert_tokens_to_ids("</think>")
+        out = server.client.chat.completions.create(
+            model=server.model, messages=QUESTION, tools=[TIME], tool_choice="required", parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=150, logit_bias={str(end): 7.0}, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+        message = out.choices[0].message
+        assert out.choices[0].finish_reason == "tool_calls" and message.model_extra["reasoning_content"]
+        (name, args), = arguments(message.tool_calls)
+        assert name == "get_time" and args["zone"] in ("utc", "cet")
+    finally:
+        server.stop()

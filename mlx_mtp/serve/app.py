@@ -109,13 +109,11 @@ def build_app(pair: Pair, worker: Worker, model_name: str, settings: Settings) -
         rendered, tools, call = None, None, None
         if chat:
             tools, call = parse_tools(pair, body)  # (call: the grammar of a required or named call)
-            if call is not None:
-                if request.grammar is not None:
-                    raise BadRequest("a required or named tool call and 'response_format' cannot both be asked for",
-                                     "tool_choice")
-                request = replace(request, grammar=call)
+            if call is not None and request.grammar is not None:
+                raise BadRequest("a required or named tool call and 'response_format' cannot both be asked for",
+                                 "tool_choice")
             ids, rendered, images = chat_prompt(pair, body, tools, settings)
-            request = replace(request, images=images)
+            request = replace(request, images=images, grammar=request.grammar if call is None else call(rendered))
             prompts = [(ids, None)]
         elif body.get("tools") or body.get("tool_choice"):
             raise BadRequest("'tools' and 'tool_choice' are fields of chat completions", "tools")

@@ -24,7 +24,7 @@ from ..decoding.sampling import SamplingParams
 from ..images import MAX_IMAGE_BYTES, MAX_IMAGES, Image, read_bytes
 from ..models.cache import MAX_DRAFT_TOKENS
 from ..tools import call_format, call_grammar
-from ..request import MAX_TOP_LOGPROBS, GenerationRequest, check_vocabulary, encode
+from ..request import MAX_TOP_LOGPROBS, GenerationRequest, ThoughtText, check_vocabulary, encode
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # (an image as a data URL is 4/3 of its bytes)
 MAX_TOKENS_CAP = 8192  # the default bound on one reply, when the context is longer
@@ -232,10 +232,12 @@ MAX_TOOLS = 128  # as OpenAI
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
-def parse_tools(pair: Pair, body: dict) -> Tuple[Optional[List[dict]], Optional[str]]:
-    """The functions the template declares (None: no tools, or `tool_choice: "none"`) and
-    the grammar a reply must follow (`tool_choice` "required": a call of one of them, a named
-    function: a call of that one; None: the model chooses, "auto")."""
+def parse_tools(pair: Pair, body: dict) -> Tuple[Optional[List[dict]], Optional[Callable[[str], str]]]:
+    """The functions the template declares (None: no tools, or `tool_choice: "none"`) and,
+    for a call the reply must make (`tool_choice` "required": of one of them, a named
+    function: of that one), its grammar given the rendered prompt (None: the model chooses,
+    "auto"). Where the template has a thinking channel, the grammar lets the model think
+    first (and end a thought the prompt opened)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None or tools == []:
         if choice not in (None, "none"):
@@ -277,10 +279,16 @@ def parse_tools(pair: Pair, body: dict) -> Tuple[Optional[List[dict]], Optional[
             raise BadRequest("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
                              "\"function\": {\"name\": ...}} naming one of 'tools'", "tool_choice")
         chosen, several = [tools[names.index(name)]], False
-    try:
-        return tools, call_grammar(pair.tokenizer, chosen, several)
-    except ValueError as e:
-        raise BadRequest(str(e), "tool_choice") from None
+
+    def grammar(rendered: str) -> str:
+        thoughts = ThoughtText.of(pair.tokenizer, rendered)
+        try:
+            return call_grammar(pair.tokenizer, chosen, several, None if thoughts is None else thoughts.thinking)
+        except ValueError as e:
+            raise BadRequest(str(e), "tool_choice") from None
+
+    grammar("")  # (a schema it cannot express: a 400 before the template runs)
+    return tools, grammar
 
 
 def parse_echo(body: dict, chat: bool) -> Tuple[bool, bool]:
