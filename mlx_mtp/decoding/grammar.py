@@ -95,25 +95,14 @@ def grammar_tokenizer(tokenizer, vocab_size: int, eos_ids: Sequence[int]):
     return built
 
 
-def check_grammar(grammar: str, tokenizer) -> None:
-    """A ValueError that says why, if llguidance cannot run this grammar."""
-    lib = llguidance()
-    error = lib.LLMatcher.validate_grammar(grammar, tokenizer)
-    if not error:  # (some limits only show when the matcher is built: a lexer too large)
-        matcher = lib.LLMatcher(tokenizer, grammar, log_level=0)
-        error = matcher.get_error() if matcher.is_error() else None
-    if error:
-        raise ValueError(f"the grammar cannot be compiled: {error.strip().splitlines()[0]}")
-
-
 class Constraint:
     """One row's grammar state: the matcher over the ids the row committed."""
 
     def __init__(self, grammar: str, tokenizer):
         lib = llguidance()
         self.matcher = lib.LLMatcher(tokenizer, grammar, log_level=0)  # (its errors are ours to report)
-        if self.matcher.is_error():
-            raise ValueError(f"the grammar cannot be compiled: {self.matcher.get_error()}")
+        if self.matcher.is_error():  # (what validation finds, and limits only a built matcher shows)
+            raise ValueError(f"the grammar cannot be compiled: {self.matcher.get_error().strip().splitlines()[0]}")
         self.vocab_size = tokenizer.vocab_size
 
     def forced(self) -> List[int]:

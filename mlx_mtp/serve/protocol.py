@@ -19,7 +19,7 @@ from mlx_lm.sample_utils import make_logits_processors
 
 from ..checkpoints.pair import Pair
 from ..conversation import render
-from ..decoding.grammar import check_grammar, grammar_tokenizer, json_grammar
+from ..decoding.grammar import Constraint, grammar_tokenizer, json_grammar
 from ..decoding.sampling import SamplingParams
 from ..images import MAX_IMAGE_BYTES, MAX_IMAGES, Image, read_bytes
 from ..models.cache import MAX_DRAFT_TOKENS
@@ -223,7 +223,7 @@ def check_grammar_runs(pair: Pair, grammar: str, param: str):
     try:
         if pair.tokenizer is None:
             raise ValueError("structured output needs the target's tokenizer")
-        check_grammar(grammar, grammar_tokenizer(pair.tokenizer, pair.target.vocab_size, pair.eos_ids))
+        Constraint(grammar, grammar_tokenizer(pair.tokenizer, pair.target.vocab_size, pair.eos_ids))
     except ValueError as e:
         raise BadRequest(str(e), param) from None
 
