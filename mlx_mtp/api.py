@@ -21,7 +21,7 @@ from .decoding.sampling import SamplingParams
 from .engine.rows import PromptCache
 from .engine.scheduler import Engine
 from .engine.stats import BatchStats, Stats
-from .images import MAX_IMAGES, Image, ImageError
+from .images import Image, ImageError, check_count
 from .request import GenerationRequest, encode
 
 Prompt = Union[str, List[int]]
@@ -104,11 +104,10 @@ def prepare_images(pair: Pair, images: Sequence[ImageSource]) -> Tuple[Image, ..
     pair's target; ImageError (a ValueError) for one it cannot take."""
     if isinstance(images, (str, bytes, Path, Image)):
         images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise ImageError(f"images must be a list of paths, bytes or Images, got {type(images).__name__}")
     vision = pair.target.vision
-    if images and vision is None:
-        raise ImageError(f"{pair.name or 'this target'} has no vision tower: images need a multimodal Gemma 4 checkpoint")
-    if len(images) > MAX_IMAGES:
-        raise ImageError(f"{len(images)} images, over the {MAX_IMAGES} a request may have")
+    check_count(len(images), vision, pair.name or "this target")
     return tuple(image if isinstance(image, Image) else vision.prepare(image) for image in images)
 
 

@@ -108,8 +108,7 @@ class Vision:
                 out, soft = processor.preprocess([picture])
             except ValueError as e:
                 raise ImageError(f"cannot resize this image ({e})") from None
-        pixels = out["pixel_values"]
-        pixels = pixels[0] if isinstance(pixels, list) else pixels[0]
+        pixels = out["pixel_values"][0]  # (of the one image: a list or a stacked array)
         return Image(np.asarray(pixels, np.float32), int(soft[0]), hashlib.sha256(data).hexdigest())
 
     def placed(self, ids: Sequence[int], images: Sequence[Image]) -> List[int]:
@@ -128,6 +127,8 @@ class Vision:
 def read_bytes(source: Union[str, Path, bytes]) -> bytes:
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
+    elif not isinstance(source, (str, Path)):
+        raise ImageError(f"an image is a file's path or its bytes, got {type(source).__name__}")
     else:
         path = Path(source).expanduser()
         try:
@@ -185,12 +186,16 @@ def soft_runs(ids: Sequence[int], image_token: int) -> List[Tuple[int, int]]:
     return runs
 
 
-def check_placed(ids: Sequence[int], images: Sequence[Image], vision: Optional[Vision]):
+def check_count(count: int, vision: Optional[Vision], name: str = "this target"):
+    """That a target (`vision`: None, no tower) can take `count` images in one request."""
+    if count and vision is None:
+        raise ImageError(f"{name} has no vision tower: images need a multimodal Gemma 4 checkpoint")
+    if count > MAX_IMAGES:
+        raise ImageError(f"{count} images, over the {MAX_IMAGES} a request may have")
+
+
+def check_placed(ids: Sequence[int], images: Sequence[Image], vision: Vision):
     """That a prompt holds each image's soft tokens where `Vision.placed` puts them."""
-    if vision is None:
-        raise ImageError("this target has no vision tower: images need a multimodal Gemma 4 checkpoint")
-    if len(images) > MAX_IMAGES:
-        raise ImageError(f"{len(images)} images, over the {MAX_IMAGES} a request may have")
     runs = soft_runs(ids, vision.image_token)
     if [n for _, n in runs] != [image.soft_tokens for image in images]:
         raise ImageError(f"the prompt's image soft tokens ({[n for _, n in runs]}) do not match its "

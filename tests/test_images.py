@@ -259,6 +259,11 @@ def test_requests_an_image_target_cannot_take(tmp_path):
         mlx_mtp.generate(pair, PROMPT, images=FILES[:1])
     with pytest.raises(ImageError, match="no vision tower"):
         mlx_mtp.generate(pair_of(FIXTURES / "target_31b"), [BOS, 20], images=FILES[:1])
+    with pytest.raises(ImageError, match="images must be a list of paths, bytes or Images, got int"):
+        mlx_mtp.generate(pair, PROMPT, images=5)
+    for bad in (5, None, float("nan")):
+        with pytest.raises(ImageError, match="an image is a file's path or its bytes, got"):
+            mlx_mtp.prepare_images(pair, [bad])
     (tmp_path / "big.png").write_bytes(b"\0" * (MAX_IMAGE_BYTES + 1))
     with pytest.raises(ImageError, match="over the"):
         mlx_mtp.prepare_images(pair, [tmp_path / "big.png"])
@@ -450,3 +455,14 @@ def test_the_embeddings_of_an_image_read_again_are_kept(tmp_path, monkeypatch):
     assert again is not first and np.array_equal(np.array(again), np.array(first))
     out = mlx_mtp.generate(pair, PROMPT, images=[square, wide], max_tokens=24, num_draft_tokens=0)
     assert out.tokens == REF["causal_greedy"].tolist()  # read from kept embeddings
+
+
+def test_images_after_a_prompt_past_the_cache_step_and_the_window(tmp_path):
+    """300 text ids first (past the cache's 256-slot step and the sliding window), then both
+    images, read in chunks of 64: drafting changes nothing."""
+    pair = pair_of(multimodal(tmp_path, "vision"))
+    prompt = [BOS] + [13 + i % 400 for i in range(300)] + PROMPT[1:]
+    plain = mlx_mtp.generate(pair, prompt, images=FILES, max_tokens=24, num_draft_tokens=0, prefill_step_size=64)
+    drafted = mlx_mtp.generate(pair, prompt, images=FILES, max_tokens=24, num_draft_tokens=3, prefill_step_size=64)
+    assert drafted.tokens == plain.tokens and len(plain.tokens) == 24
+    assert plain.stats.prompt_tokens > 256 + 124

@@ -43,7 +43,7 @@ from ..decoding.grammar import Constraint, allowed_ids, grammar_tokenizer
 from ..decoding.proposers import Proposer, make_proposer
 from ..decoding.round import as_lists, round_keys, run_round, scored
 from ..decoding.sampling import Proposal, accept, token_logprobs
-from ..images import check_placed
+from ..images import check_count, check_placed
 from ..request import NO_LIMIT, GenerationRequest, RowText, check_vocabulary, is_int
 from .costs import Costs, CostModel, choose_k
 from .rows import PromptCache, Reading, Row, Update
@@ -100,6 +100,7 @@ class Engine:
             # (soft tokens without their image: transformers refuses them too)
             if self.pair.target.pipeline is not None:
                 raise ValueError("images are not available when the target is split over ranks")
+            check_count(len(request.images), vision)
             check_placed(request.prompt, request.images, vision)
             vision.tower(self.pair.target.hidden_size, self.pair.target.dtype)  # loaded now: errors are the request's
         if request.logprobs is not None and self.pair.target.pipeline is not None:

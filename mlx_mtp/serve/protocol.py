@@ -21,7 +21,7 @@ from ..checkpoints.pair import Pair
 from ..conversation import render
 from ..decoding.grammar import Constraint, grammar_tokenizer, json_grammar
 from ..decoding.sampling import SamplingParams
-from ..images import MAX_IMAGE_BYTES, MAX_IMAGES, Image, read_bytes
+from ..images import MAX_IMAGE_BYTES, Image, check_count, read_bytes
 from ..models.cache import MAX_DRAFT_TOKENS
 from ..tools import call_format, call_grammar
 from ..request import MAX_TOP_LOGPROBS, GenerationRequest, ThoughtText, check_vocabulary, encode
@@ -371,8 +371,10 @@ def chat_prompt(pair: Pair, body: dict, tools: Optional[List[dict]] = None,
         raise BadRequest("'messages' must be a non-empty list", "messages")
     asked = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
                 for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
-    if asked > MAX_IMAGES:  # (before any is decoded: all of them, also those a kept conversation has)
-        raise BadRequest(f"{asked} images, over the {MAX_IMAGES} a request may have", "messages")
+    try:  # (before any is decoded: all of them, also those a kept conversation has)
+        check_count(asked, pair.target.vision, pair.name or "this model")
+    except ValueError as e:
+        raise BadRequest(str(e), "messages") from None
     clean, calls, images = [], {}, []  # calls: tool call id -> the function's name
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -436,8 +438,6 @@ def image_of(part, pair: Pair, settings: Settings) -> Image:
     url = part.get("url") if isinstance(part, dict) else None
     if not isinstance(url, str) or not url:
         raise BadRequest("an image_url part needs {'url': ...}", "messages")
-    if pair.target.vision is None:
-        raise BadRequest(f"{pair.name or 'this model'} has no vision tower: it reads no images", "messages")
     if len(url) > 2 * MAX_IMAGE_BYTES:
         raise BadRequest(f"the image URL is over {2 * MAX_IMAGE_BYTES} characters", "messages")
     scheme = url[:8].lower()
