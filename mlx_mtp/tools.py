@@ -14,6 +14,7 @@ Other formats are parsed in replies; "required" and named calls on them are refu
 import json
 import re
 import uuid
+from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
 from .decoding.grammar import LAYOUT, check_schema_size
@@ -141,11 +142,13 @@ def _closed(schema):
     return out
 
 
-def _special_texts(tokenizer) -> List[str]:
+@lru_cache(maxsize=None)
+def _special_texts(tokenizer) -> Tuple[str, ...]:
     """The texts of the tokenizer's added tokens, which llguidance reads as special tokens
-    (never as text), whatever their `special` flag."""
+    (never as text), whatever their `special` flag. (Once per tokenizer: Gemma's 6,414 take
+    7 ms to list, and a call grammar asks several times.)"""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return [t.content for t in added.values() if t.content]
+    return tuple(t.content for t in added.values() if t.content)
 
 
 def _constants(schema) -> List[str]:
