@@ -79,11 +79,13 @@ class Vision:
                 data = json.loads((path / name).read_text())
             except (OSError, ValueError):
                 continue
-            data = data.get("image_processor", data)
+            data = data.get("image_processor", data) if isinstance(data, dict) else None
             soft = data.get("max_soft_tokens", soft) if isinstance(data, dict) else soft
+            if not (isinstance(soft, int) and not isinstance(soft, bool) and soft >= 1):
+                raise ImageError(f"{path / name}: max_soft_tokens must be an integer >= 1, got {soft!r}")
             break
         return cls(path, vision, *tokens,
-                   text.get("pad_token_id", config.get("pad_token_id", 0)), int(soft),
+                   text.get("pad_token_id", config.get("pad_token_id", 0)), soft,
                    text.get("use_bidirectional_attention") == "vision")
 
     def tower(self, hidden: int, dtype):

@@ -466,3 +466,12 @@ def test_images_after_a_prompt_past_the_cache_step_and_the_window(tmp_path):
     drafted = mlx_mtp.generate(pair, prompt, images=FILES, max_tokens=24, num_draft_tokens=3, prefill_step_size=64)
     assert drafted.tokens == plain.tokens and len(plain.tokens) == 24
     assert plain.stats.prompt_tokens > 256 + 124
+
+
+@pytest.mark.parametrize("value", ["NaN", "0", '"many"', "true"])
+def test_a_bad_soft_token_budget_in_the_checkpoint_is_a_one_line_error(tmp_path, value):
+    path = multimodal(tmp_path)
+    (path / "processor_config.json").write_text(f'{{"image_processor": {{"max_soft_tokens": {value}}}}}')
+    out = run_cli("generate", "hi", "--target", path, "--image", IMAGES / "square.png")
+    assert out.returncode != 0 and "max_soft_tokens must be an integer >= 1" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
